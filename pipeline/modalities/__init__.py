@@ -1,0 +1,17 @@
+"""Modalities, registered by name. Importing this package registers every one of them."""
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.modalities.base import DecodeError, Modality, Sample
+from pipeline.registry import Registry
+
+MODALITIES: Registry[Any] = Registry("modality")
+
+
+def make_modality(name: str, **args: Any) -> Modality:
+    """Build the modality registered as `name` from its keyword arguments."""
+    return MODALITIES.get(name)(**args)
+
+
+__all__ = ["MODALITIES", "DecodeError", "Modality", "Sample", "make_modality"]

@@ -1,0 +1,62 @@
+"""The modality interface: decode a sample's members, make its views, describe its token grid.
+
+A modality turns one sample (the tar members sharing a key, as raw bytes) into fixed-shape
+numpy arrays. It is constructed from plain keyword arguments (the `data.modality_args` of a
+config) and must be a pure function of (members, rng, mode): the batch maker seeds `rng` from
+(seed, epoch, shard, key), so any process makes the same arrays.
+
+Per-sample fields (the batch maker stacks them along a new leading batch axis):
+- image  train/two-view: view1, view2 uint8 [H, W, C];  single/eval: image uint8 [H, W, C]
+- video  train/two-view: view1, view2 uint8 [T, H, W, C];  single/eval: video uint8 [T, H, W, C]
+- audio  logmel two-view: view1, view2 float32 [F, T];  spec/eval-spec: spec float32 [F, T]
+         wave: wave float32 [S] plus length int64 [] (valid samples before padding)
+"""
+from __future__ import annotations
+
+from typing import Mapping, Protocol
+
+import numpy as np
+
+Sample = dict[str, np.ndarray]
+
+
+class DecodeError(ValueError):
+    """Fully read bytes that do not decode (corrupt, truncated, hostile, or the wrong kind)."""
+
+
+class Modality(Protocol):
+    """What the batch maker needs from a modality."""
+
+    name: str
+    extensions: tuple[str, ...]  # member extensions holding the media, in order of preference
+
+    def decode(self, members: Mapping[str, bytes]) -> object:
+        """Decoded media from the sample's members; raises DecodeError on bad bytes."""
+
+    def sample(self, decoded: object, rng: np.random.Generator, train: bool) -> Sample:
+        """The sample's fixed-shape arrays: augmented views when train, one deterministic view when not."""
+
+    def blank(self, train: bool) -> Sample:
+        """Zero arrays with the shapes and dtypes `sample` returns (fills padded eval rows)."""
+
+    def token_grid(self, geometry: Mapping[str, object]) -> tuple[int, ...]:
+        """The encoder's token grid for these arrays, given the objective's token geometry.
+
+        Raises ValueError naming both sides when the geometry does not divide the arrays.
+        """
+
+    def valid_tokens(self, sample: Sample, geometry: Mapping[str, object]) -> int:
+        """How many leading tokens hold real signal (all of them, except for padded audio)."""
+
+
+def media_member(members: Mapping[str, bytes], extensions: tuple[str, ...], modality: str) -> tuple[str, bytes]:
+    """The first member whose extension the modality reads, or DecodeError naming what was there."""
+    for ext in extensions:
+        if ext in members:
+            data = members[ext]
+            if not data:
+                raise DecodeError(f"{modality} member .{ext} is empty (0 bytes)")
+            return ext, data
+    raise DecodeError(
+        f"no {modality} member in sample (has {sorted(members)}; expected one of {list(extensions)})"
+    )
