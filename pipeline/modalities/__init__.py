@@ -15,3 +15,5 @@ def make_modality(name: str, **args: Any) -> Modality:
 
 
 __all__ = ["MODALITIES", "DecodeError", "Modality", "Sample", "make_modality"]
+
+from pipeline.modalities import image  # noqa: E402,F401  (registers "image")

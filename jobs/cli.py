@@ -1,0 +1,67 @@
+"""The `selfsup` command line: one subcommand module per job, dispatched from here."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+# subcommand → module in jobs/ exposing add_parser(subparsers) and run(args) -> int
+COMMANDS = {
+    "shards": "jobs.shards_cmd",
+    "pretrain": "jobs.pretrain",
+    "evaluate": "jobs.evaluate",
+    "runs": "jobs.runs",
+    "demo": "jobs.demo",
+    "bench": "jobs.bench",
+    "submit": "jobs.submit",
+    "jobs": "jobs.jobs_cmd",
+    "retrain": "jobs.retrain",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every available subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="selfsup",
+        description="Self-supervised pretraining on Ray: WebDataset shards in object storage → "
+                    "streamed, augmented batches → DDP pretraining → evaluated checkpoints.",
+        epilog="Run `selfsup COMMAND --help` for a command's options. Locations are local paths "
+               "or URLs (file://, s3://, gs://, memory://).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the `selfsup` console script."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, PermissionError) as e:
+        if args.verbose:
+            raise
+        print(f"selfsup {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

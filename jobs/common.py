@@ -1,0 +1,36 @@
+"""Small pieces the job modules share: storage options from the command line, formatting."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Optional
+
+
+def add_storage_args(p: argparse.ArgumentParser) -> None:
+    """`--storage-option KEY=VALUE` (repeatable) for fsspec options such as endpoint_url or region."""
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="storage option for s3/gs (endpoint_url=..., region=..., profile=...); "
+                        "credentials normally come from the AWS/GCP environment, not from here")
+
+
+def storage_options(args: argparse.Namespace) -> Optional[dict[str, Any]]:
+    """Options from --storage-option and $SELFSUP_STORAGE_OPTIONS (JSON), or None."""
+    opts: dict[str, Any] = {}
+    if os.environ.get("SELFSUP_STORAGE_OPTIONS"):
+        opts.update(json.loads(os.environ["SELFSUP_STORAGE_OPTIONS"]))
+    for item in getattr(args, "storage_option", []) or []:
+        if "=" not in item:
+            raise ValueError(f"--storage-option {item!r} must look like KEY=VALUE")
+        k, v = item.split("=", 1)
+        opts[k] = v
+    return opts or None
+
+
+def human_bytes(n: float) -> str:
+    """1536 → '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -1,0 +1,211 @@
+"""`selfsup shards write|ls|verify|rm`: turn media into indexed WebDataset shards and manage them."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from typing import Any
+
+from tqdm import tqdm
+
+from pipeline import manifest, storage, writer
+from pipeline.sources import SOURCES, apply_filters, detect_source
+from pipeline.verify import verify_dataset
+from jobs.common import add_storage_args, human_bytes, storage_options
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'256MB' → 256000000; '64MiB' → 67108864."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: use e.g. 256MB, 1GB, 64MiB")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
+
+
+def add_parser(sub: Any) -> None:
+    """Register `selfsup shards ...`."""
+    p = sub.add_parser("shards", help="write, list, verify and retire WebDataset shards",
+                       description="Manage WebDataset shards: every shard has an index (.idx) and a "
+                                   "manifest row under DEST/_manifest/.")
+    ssub = p.add_subparsers(dest="shards_command", metavar="ACTION", required=True)
+
+    w = ssub.add_parser("write", help="write a source (folder, Fashion-MNIST, spoken digits, videos) into shards",
+                        description="Write SOURCE into shards under DEST. Sample order is shuffled (seeded); "
+                                    "rerunning the same command completes an interrupted job without "
+                                    "rewriting finished shards.")
+    w.add_argument("source", metavar="SOURCE", help="a folder of media files, the Fashion-MNIST IDX folder, "
+                                                    "or the spoken-digit recordings folder")
+    w.add_argument("dest", metavar="DEST", help="dataset location: a path or URL (s3://bucket/prefix, ...)")
+    w.add_argument("--modality", required=True, choices=["image", "audio", "video"])
+    w.add_argument("--split", default="pretrain",
+                   help="split name; conventions: pretrain, probe-train, probe-test (default: pretrain)")
+    w.add_argument("--labels", default="auto",
+                   help="auto (the source's labels for probe-* splits, none for others), none, folder "
+                        "(parent folder name), or a regex whose first group is the label")
+    w.add_argument("--source-type", choices=SOURCES.names(), help="override source detection")
+    w.add_argument("--subset", default="train", help="Fashion-MNIST subset: train or test (default train)")
+    w.add_argument("--include", help="keep only items whose name matches this regex")
+    w.add_argument("--exclude", help="drop items whose name matches this regex (e.g. '_theo_')")
+    w.add_argument("--limit", type=int, help="write at most N items (a seeded random subset)")
+    w.add_argument("--shard-size", type=parse_size, default=writer.DEFAULT_SHARD_BYTES,
+                   help="target shard size (default 256MB)")
+    w.add_argument("--samples-per-shard", type=int, help="exact samples per shard (overrides --shard-size)")
+    w.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
+    w.add_argument("--no-shuffle", action="store_true", help="keep the source order inside shards")
+    w.add_argument("--reencode", action="store_true",
+                   help="video: re-encode to MP4 (H.264) with a short keyframe interval for fast clip access")
+    w.add_argument("--strict", action="store_true", help="stop at the first unreadable source file")
+    w.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes")
+    w.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_storage_args(w)
+    w.set_defaults(run=run_write)
+
+    ls = ssub.add_parser("ls", help="list the visible shards of a dataset")
+    ls.add_argument("dest", metavar="DEST")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.add_argument("--totals", action="store_true", help="only the per-(modality, split) totals")
+    add_storage_args(ls)
+    ls.set_defaults(run=run_ls)
+
+    v = ssub.add_parser("verify", help="re-read every shard; check counts, index and hashes")
+    v.add_argument("dest", metavar="DEST")
+    v.add_argument("--json", action="store_true")
+    add_storage_args(v)
+    v.set_defaults(run=run_verify)
+
+    rm = ssub.add_parser("rm", help="retire shards (a tombstone row; history is kept)")
+    rm.add_argument("dest", metavar="DEST")
+    rm.add_argument("shards", nargs="+", metavar="SHARD", help="shard paths as `shards ls` prints them")
+    add_storage_args(rm)
+    rm.set_defaults(run=run_rm)
+
+
+def make_source(args: argparse.Namespace) -> tuple[Any, str]:
+    """The source object for SOURCE and its type name; clear errors for mismatches."""
+    root = os.path.abspath(args.source)
+    if not os.path.exists(root):
+        raise FileNotFoundError(f"source {args.source} does not exist")
+    if not os.path.isdir(root):
+        raise ValueError(f"source {args.source} must be a folder")
+    kind = detect_source(root, args.modality, args.source_type)
+    natural = {"fashion-mnist": "image", "fsdd": "audio", "moving-fashion-mnist": "video"}.get(kind)
+    if natural and natural != args.modality:
+        raise ValueError(f"{args.source} is a {kind} source ({natural}), not {args.modality}: "
+                         f"use --modality {natural}")
+    labels = args.labels
+    if labels == "auto":
+        labels = "auto" if args.split.startswith("probe") else "none"
+    if kind == "folder":
+        return SOURCES.get(kind)(root, args.modality, "folder" if labels == "auto" else labels), kind
+    cls = SOURCES.get(kind)
+    kwargs: dict[str, Any] = {"labels": labels}
+    if "subset" in cls.__dataclass_fields__:
+        kwargs["subset"] = args.subset
+    if "seed" in cls.__dataclass_fields__:
+        kwargs["seed"] = args.seed
+    return cls(root, **kwargs), kind
+
+
+def run_write(args: argparse.Namespace) -> int:
+    """`selfsup shards write`."""
+    opts = storage_options(args)
+    source, kind = make_source(args)
+    storage.check_writable(args.dest, opts)
+    items, label_names = source.items()
+    items = apply_filters(items, args.include, args.exclude,
+                          name=lambda it: str(it.ref) if isinstance(it.ref, str) else it.key)
+    if args.limit is not None:
+        from pipeline.seeding import rng_for
+
+        keep = sorted(rng_for("limit", args.seed).permutation(len(items))[: args.limit])
+        items = [items[int(i)] for i in keep]
+    if not items:
+        raise ValueError(f"no items left in {args.source} after --include/--exclude/--limit")
+    per_shard = writer.shard_sizes(items, args.samples_per_shard, args.shard_size)
+    transform = None
+    if args.reencode:
+        if args.modality != "video":
+            raise ValueError("--reencode applies to --modality video only")
+        transform = _reencode
+    parts = {"source_type": kind, "source": source, "split": args.split, "modality": args.modality,
+             "include": args.include, "exclude": args.exclude, "limit": args.limit, "seed": args.seed,
+             "per_shard": per_shard, "reencode": args.reencode, "shuffle": not args.no_shuffle}
+    jobs = writer.plan_jobs(source, items, label_names, args.dest, args.modality, args.split, per_shard,
+                            parts, args.seed, not args.no_shuffle, options=opts, strict=args.strict,
+                            transform=transform)
+    bar = tqdm(total=len(items), unit="sample", desc=f"shards write {args.split}", disable=args.quiet,
+               file=sys.stderr)
+    report = writer.run_jobs(jobs, args.workers, progress=bar.update, options=opts)
+    bar.close()
+    print(f"{report.shards_written} shard(s) written, {report.shards_existing} already present, "
+          f"{report.samples} samples; {len(report.skipped)} unreadable source file(s) skipped"
+          + (":" if report.skipped else ""))
+    for ref, err in report.skipped[:50]:
+        print(f"  skipped {ref}: {err}")
+    if len(report.skipped) > 50:
+        print(f"  ... and {len(report.skipped) - 50} more")
+    return 0
+
+
+def _reencode(members: dict[str, bytes]) -> dict[str, bytes]:
+    from pipeline.modalities.video import reencode_mp4
+
+    ext = next(e for e in members if e in ("mp4", "avi", "mkv", "webm", "mov", "m4v"))
+    return {**{k: v for k, v in members.items() if k != ext}, "mp4": reencode_mp4(members[ext])}
+
+
+def run_ls(args: argparse.Namespace) -> int:
+    """`selfsup shards ls`."""
+    opts = storage_options(args)
+    rows = manifest.read_manifest(args.dest, opts)
+    totals = manifest.summarize(rows)
+    if args.json:
+        shards = [{k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in r.items()} for r in rows]
+        print(json.dumps({"dataset": storage.redact_url(args.dest), "totals": totals,
+                          **({} if args.totals else {"shards": shards})}, indent=2))
+        return 0
+    if not rows:
+        print(f"no visible shards in {storage.redact_url(args.dest)}")
+        return 0
+    if not args.totals:
+        width = max(len(r["path"]) for r in rows)
+        print(f"{'shard':<{width}}  {'samples':>8}  {'bytes':>10}  {'modality':<8}  split")
+        for r in rows:
+            print(f"{r['path']:<{width}}  {r['n_samples']:>8}  {human_bytes(r['n_bytes']):>10}  "
+                  f"{r['modality']:<8}  {r['split']}")
+        print()
+    print(f"{'modality':<8}  {'split':<12}  {'shards':>6}  {'samples':>8}  {'bytes':>10}")
+    for t in totals:
+        print(f"{t['modality']:<8}  {t['split']:<12}  {t['shards']:>6}  {t['samples']:>8}  "
+              f"{human_bytes(t['bytes']):>10}")
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """`selfsup shards verify`: exit 1 if any shard is corrupt."""
+    opts = storage_options(args)
+    rows = manifest.read_manifest(args.dest, opts)
+    bar = tqdm(total=len(rows), unit="shard", desc="verify", file=sys.stderr)
+    checks = verify_dataset(args.dest, opts, progress=bar.update)
+    bar.close()
+    bad = [c for c in checks if not c.ok]
+    if args.json:
+        print(json.dumps({"shards": len(checks), "corrupt": [
+            {"shard": c.path, "problems": c.problems, "members": c.bad_members} for c in bad]}, indent=2))
+    else:
+        for c in bad:
+            print(f"CORRUPT {c.path}: " + "; ".join(c.problems))
+        print(f"{len(checks)} shard(s) checked, {len(bad)} corrupt")
+    return 1 if bad else 0
+
+
+def run_rm(args: argparse.Namespace) -> int:
+    """`selfsup shards rm`."""
+    n = manifest.tombstone(args.dest, args.shards, storage_options(args))
+    print(f"retired {n} shard(s); their files stay until you delete them")
+    return 0
+

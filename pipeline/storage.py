@@ -1,0 +1,488 @@
+"""Storage: every location is a local path or an fsspec URL (file://, s3://, gs://, memory://).
+
+All I/O goes through the functions here, which retry transient errors with backoff, write
+atomically (a reader sees the whole object or nothing), and never put credentials in messages.
+
+S3 settings come from the usual AWS environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_PROFILE, AWS_REGION, AWS_ENDPOINT_URL) or from storage options given in config:
+`{"endpoint_url": ..., "region": ..., "key": ..., "secret": ..., "profile": ...}`.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import random
+import time
+import uuid
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping, Optional, TypeVar
+
+import fsspec
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SECRET_WORDS = ("secret", "password", "token", "credential", "session", "private", "key")
+_PROTOCOL_ALIASES = {"s3a": "s3", "gcs": "gs", "": "file", "local": "file"}
+_NOT_TRANSIENT = (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError,
+                  NotADirectoryError, ValueError, TypeError, KeyError)
+_TRANSIENT_NAMES = ("Timeout", "ConnectionError", "ConnectionClosed", "EndpointConnectionError",
+                    "ServerDisconnected", "ClientOSError", "SlowDown", "ServiceUnavailable",
+                    "InternalError", "ResponseStreamingError", "IncompleteRead")
+_TRANSIENT_ERRNOS = {errno.EIO, errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT,
+                     errno.EPIPE, errno.EAGAIN, errno.EBUSY, errno.ENETUNREACH, errno.EHOSTUNREACH}
+
+RETRIES = int(os.environ.get("SELFSUP_IO_RETRIES", "5"))
+
+
+# ---------------------------------------------------------------- URLs and filesystems
+
+def protocol_of(url: str) -> str:
+    """The normalized protocol of a URL ('file' for plain paths)."""
+    proto = url.split("://", 1)[0].lower() if "://" in url else ""
+    return _PROTOCOL_ALIASES.get(proto, proto)
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path parts onto a URL or path with '/'."""
+    out = url.rstrip("/")
+    for part in parts:
+        out = out + "/" + part.strip("/")
+    return out
+
+
+def is_local(url: str) -> bool:
+    """True for plain paths and file:// URLs."""
+    return protocol_of(url) == "file"
+
+
+def local_path(url: str) -> str:
+    """The filesystem path of a plain path or file:// URL."""
+    return os.path.abspath(os.path.expanduser(url[7:] if url.startswith("file://") else url))
+
+
+def _fs_kwargs(protocol: str, options: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    opts = dict(options or {})
+    if protocol == "s3":
+        out: dict[str, Any] = {}
+        client_kwargs: dict[str, Any] = dict(opts.pop("client_kwargs", {}) or {})
+        endpoint = opts.pop("endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL_S3") \
+            or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            out["endpoint_url"] = endpoint
+        region = opts.pop("region", None)
+        if region:
+            client_kwargs["region_name"] = region
+        if client_kwargs:
+            out["client_kwargs"] = client_kwargs
+        out.update(opts)
+        return out
+    return opts
+
+
+def filesystem(url: str, options: Optional[Mapping[str, Any]] = None) -> tuple[Any, str]:
+    """The fsspec filesystem and the protocol-free path for `url`.
+
+    Raises ValueError for protocols selfsup cannot reach, naming how to enable them.
+    """
+    protocol = protocol_of(url)
+    if protocol == "file":
+        return fsspec.filesystem("file"), local_path(url)
+    if protocol == "gs":
+        try:
+            import gcsfs  # noqa: F401
+        except ImportError:
+            raise ValueError(f"{redact_url(url)}: gs:// needs gcsfs; `pip install gcsfs`") from None
+    try:
+        fs = fsspec.filesystem(protocol, **_fs_kwargs(protocol, options))
+    except (ImportError, ValueError) as e:
+        raise ValueError(f"cannot open storage {redact_url(url)}: {e}") from None
+    return fs, fs._strip_protocol(url)
+
+
+def full_url(url: str) -> str:
+    """A URL with its protocol (plain paths become absolute local paths)."""
+    return local_path(url) if is_local(url) else url
+
+
+# ---------------------------------------------------------------- secrets
+
+def is_secret_name(name: str) -> bool:
+    """Whether an option/config name holds a credential (key, secret, token, password...)."""
+    low = name.lower()
+    if low in ("key", "keys") or low.endswith("_key") or low.startswith("key_"):
+        return low not in ("label_key", "sort_key")
+    return any(w in low for w in SECRET_WORDS if w != "key")
+
+
+def redact(value: Any) -> Any:
+    """A copy of nested dicts/lists with every credential-named value replaced by '***'."""
+    if isinstance(value, Mapping):
+        return {k: ("***" if is_secret_name(str(k)) and v not in (None, "") else redact(v))
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    return value
+
+
+def redact_url(url: str) -> str:
+    """A URL without user:password@ or query-string credentials."""
+    if "://" not in url:
+        return url
+    proto, rest = url.split("://", 1)
+    host, sep, path = rest.partition("/")
+    if "@" in host:
+        host = "***@" + host.rsplit("@", 1)[1]
+    path = path.split("?", 1)[0]
+    return f"{proto}://{host}{sep}{path}"
+
+
+# ---------------------------------------------------------------- retries
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether an I/O error is worth retrying (network trouble, throttling, 5xx)."""
+    if isinstance(exc, _NOT_TRANSIENT):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    names = [type(e).__name__ for e in (exc, exc.__cause__, exc.__context__) if e is not None]
+    if any(t in n for n in names for t in _TRANSIENT_NAMES):
+        return True
+    if isinstance(exc, OSError):
+        text = str(exc)
+        return exc.errno in _TRANSIENT_ERRNOS or any(c in text for c in ("500", "502", "503", "504"))
+    return False
+
+
+def retrying(fn: Callable[[], T], what: str, attempts: int = RETRIES, base_delay: float = 0.2) -> T:
+    """Call `fn`, retrying transient errors with jittered exponential backoff."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except BaseException as e:  # noqa: BLE001 - classified below
+            if not is_transient(e) or attempt == attempts - 1:
+                raise
+            delay = base_delay * (2 ** attempt) * (0.5 + random.random())
+            log.warning("transient error on %s (%s); retry %d/%d in %.1fs",
+                        redact_url(what), type(e).__name__, attempt + 1, attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------- reads
+
+def read_bytes(url: str, start: Optional[int] = None, end: Optional[int] = None,
+               options: Optional[Mapping[str, Any]] = None) -> bytes:
+    """The bytes of `url`, or of the range [start, end) with one ranged read."""
+    fs, path = filesystem(url, options)
+
+    def read() -> bytes:
+        if start is None and end is None:
+            return fs.cat_file(path)
+        data = fs.cat_file(path, start=start, end=end)
+        if start is not None and end is not None and len(data) != end - start:
+            raise OSError(errno.EIO, f"short read: wanted {end - start} bytes, got {len(data)}")
+        return data
+
+    return retrying(read, url)
+
+
+def read_text(url: str, options: Optional[Mapping[str, Any]] = None) -> str:
+    """The UTF-8 text of `url`."""
+    return read_bytes(url, options=options).decode("utf-8")
+
+
+def exists(url: str, options: Optional[Mapping[str, Any]] = None) -> bool:
+    """Whether an object or folder exists at `url`."""
+    fs, path = filesystem(url, options)
+    return retrying(lambda: fs.exists(path), url)
+
+
+def size(url: str, options: Optional[Mapping[str, Any]] = None) -> int:
+    """The size in bytes of the object at `url`."""
+    fs, path = filesystem(url, options)
+    return int(retrying(lambda: fs.size(path), url))
+
+
+def listdir(url: str, options: Optional[Mapping[str, Any]] = None) -> list[str]:
+    """Full URLs of the entries directly under `url` (empty if it does not exist)."""
+    fs, path = filesystem(url, options)
+
+    def ls() -> list[str]:
+        try:
+            fs.invalidate_cache(path)
+            return sorted(fs.ls(path, detail=False))
+        except FileNotFoundError:
+            return []
+
+    names = retrying(ls, url)
+    return [_rebuild(url, path, n) for n in names if n.rstrip("/") != path.rstrip("/")]
+
+
+def _rebuild(url: str, path: str, entry: str) -> str:
+    """The URL form of an fs path found under `path` (keeps the caller's protocol)."""
+    if is_local(url):
+        return entry
+    proto = url.split("://", 1)[0]
+    return f"{proto}://{entry.split('://', 1)[-1].lstrip('/')}"
+
+
+# ---------------------------------------------------------------- writes
+
+def makedirs(url: str, options: Optional[Mapping[str, Any]] = None) -> None:
+    """Create a local folder (object stores need none); raises PermissionError clearly."""
+    if is_local(url):
+        os.makedirs(local_path(url), exist_ok=True)
+
+
+def _local_atomic_write(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_bytes(url: str, data: bytes, options: Optional[Mapping[str, Any]] = None) -> None:
+    """Write `data` atomically: local files by rename, object stores by a single PUT."""
+    if is_local(url):
+        _local_atomic_write(local_path(url), data)
+        return
+    fs, path = filesystem(url, options)
+    retrying(lambda: fs.pipe_file(path, data), url)
+
+
+def write_text(url: str, text: str, options: Optional[Mapping[str, Any]] = None) -> None:
+    """Write UTF-8 text atomically."""
+    write_bytes(url, text.encode("utf-8"), options)
+
+
+def upload_file(local: str, url: str, options: Optional[Mapping[str, Any]] = None) -> None:
+    """Copy a local file to `url` atomically (rename locally; one upload to object stores)."""
+    if is_local(url):
+        dest = local_path(url)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.tmp-{uuid.uuid4().hex}")
+        try:
+            with open(local, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, dest)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return
+    fs, path = filesystem(url, options)
+    retrying(lambda: fs.put_file(local, path), url)
+
+
+def delete(url: str, recursive: bool = False, options: Optional[Mapping[str, Any]] = None) -> None:
+    """Remove an object (or a folder with recursive=True); missing is fine."""
+    fs, path = filesystem(url, options)
+
+    def rm() -> None:
+        try:
+            fs.rm(path, recursive=recursive)
+        except FileNotFoundError:
+            pass
+
+    retrying(rm, url)
+
+
+def check_writable(url: str, options: Optional[Mapping[str, Any]] = None) -> None:
+    """Raise PermissionError naming `url` if a small probe object cannot be written there."""
+    probe = join(url, f".selfsup-probe-{uuid.uuid4().hex}")
+    try:
+        makedirs(url, options)
+        write_bytes(probe, b"ok", options)
+        delete(probe, options=options)
+    except (PermissionError, OSError) as e:
+        raise PermissionError(f"destination {redact_url(url)} is not writable: {e.strerror or e}") from None
+
+
+# ---------------------------------------------------------------- conditional writes
+
+def read_versioned(url: str, options: Optional[Mapping[str, Any]] = None) -> tuple[Optional[bytes], Optional[str]]:
+    """(bytes, version token) of `url`, or (None, None) if it does not exist.
+
+    The token is what `write_if_version` compares: the ETag on S3, the generation on GCS,
+    a content digest for local files.
+    """
+    protocol = protocol_of(url)
+    fs, path = filesystem(url, options)
+    if protocol == "file":
+        p = local_path(url)
+        if not os.path.exists(p):
+            return None, None
+        data = open(p, "rb").read()
+        return data, hashlib.sha256(data).hexdigest()
+    if protocol == "s3":
+        bucket, key, _ = fs.split_path(path)
+
+        def get() -> tuple[Optional[bytes], Optional[str]]:
+            try:
+                resp = fs.call_s3("get_object", Bucket=bucket, Key=key)
+            except FileNotFoundError:
+                return None, None
+            body = resp["Body"]
+            data = _read_body(fs, body)
+            return data, resp["ETag"]
+
+        return retrying(get, url)
+    if protocol == "gs":
+        try:
+            info = fs.info(path)
+        except FileNotFoundError:
+            return None, None
+        return fs.cat_file(path), str(info.get("generation"))
+    raise ValueError(f"conditional writes are not supported on {protocol}:// "
+                     "(use a local path, s3:// or gs:// for leases)")
+
+
+def _read_body(fs: Any, body: Any) -> bytes:
+    from fsspec.asyn import sync
+
+    async def read() -> bytes:
+        async with body as stream:
+            return await stream.read()
+
+    return sync(fs.loop, read)
+
+
+def write_if_absent(url: str, data: bytes, options: Optional[Mapping[str, Any]] = None) -> bool:
+    """Create `url` with `data` only if nothing is there; True if this call created it."""
+    protocol = protocol_of(url)
+    if protocol == "file":
+        p = local_path(url)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        tmp = f"{p}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, p)  # atomic, fails if p exists
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+    fs, path = filesystem(url, options)
+    if protocol == "s3":
+        bucket, key, _ = fs.split_path(path)
+        try:
+            retrying(lambda: fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data,
+                                        IfNoneMatch="*"), url)
+            return True
+        except (FileExistsError, OSError) as e:
+            if _precondition_failed(e):
+                return False
+            raise
+    if protocol == "gs":
+        try:
+            fs.pipe_file(path, data, if_generation_match=0)  # type: ignore[call-arg]
+            return True
+        except Exception as e:  # noqa: BLE001 - gcsfs raises HttpError 412
+            if "412" in str(e) or "Precondition" in str(e):
+                return False
+            raise
+    raise ValueError(f"conditional writes are not supported on {protocol}:// "
+                     "(use a local path, s3:// or gs:// for leases)")
+
+
+def write_if_version(url: str, data: bytes, version: str,
+                     options: Optional[Mapping[str, Any]] = None) -> bool:
+    """Replace `url` with `data` only if its version is still `version`; True on success."""
+    protocol = protocol_of(url)
+    if protocol == "file":
+        p = local_path(url)
+        with _local_lock(p):
+            if not os.path.exists(p) or hashlib.sha256(open(p, "rb").read()).hexdigest() != version:
+                return False
+            _local_atomic_write(p, data)
+            return True
+    fs, path = filesystem(url, options)
+    if protocol == "s3":
+        bucket, key, _ = fs.split_path(path)
+        try:
+            retrying(lambda: fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data,
+                                        IfMatch=version), url)
+            return True
+        except (FileNotFoundError, FileExistsError, OSError) as e:
+            if _precondition_failed(e) or isinstance(e, FileNotFoundError):
+                return False
+            raise
+    if protocol == "gs":
+        try:
+            fs.pipe_file(path, data, if_generation_match=int(version))  # type: ignore[call-arg]
+            return True
+        except Exception as e:  # noqa: BLE001
+            if "412" in str(e) or "Precondition" in str(e):
+                return False
+            raise
+    raise ValueError(f"conditional writes are not supported on {protocol}:// "
+                     "(use a local path, s3:// or gs:// for leases)")
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    if isinstance(e, FileExistsError):
+        return True
+    cause = e.__cause__
+    resp = getattr(cause, "response", None) or getattr(e, "response", None)
+    if resp:
+        err = resp.get("Error", {})
+        status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return err.get("Code") in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
+    return "PreconditionFailed" in str(e) or "412" in str(e)
+
+
+@contextmanager
+def _local_lock(path: str) -> Iterator[None]:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def append_line(url: str, line: str, options: Optional[Mapping[str, Any]] = None) -> None:
+    """Append one text line to `url`, safe against concurrent appenders.
+
+    Local files use O_APPEND under a lock; object stores read-modify-write with a
+    conditional write, retried when another writer got there first.
+    """
+    text = line.rstrip("\n") + "\n"
+    if is_local(url):
+        p = local_path(url)
+        with _local_lock(p):
+            with open(p, "a", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        return
+    if protocol_of(url) not in ("s3", "gs"):  # e.g. memory://: one process, no contention
+        old = read_bytes(url, options=options) if exists(url, options) else b""
+        write_bytes(url, old + text.encode(), options)
+        return
+    for _ in range(50):
+        data, version = read_versioned(url, options)
+        if data is None:
+            if write_if_absent(url, text.encode(), options):
+                return
+        elif write_if_version(url, data + text.encode(), version or "", options):
+            return
+        time.sleep(0.05 * random.random())
+    raise OSError(errno.EAGAIN, f"could not append to {redact_url(url)}: too much contention")

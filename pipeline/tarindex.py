@@ -1,0 +1,169 @@
+"""WebDataset tar shards and their indexes.
+
+A shard is a plain tar whose members are named `<key>.<ext>`; members sharing a key form one
+sample. Beside it, `<shard>.idx` (JSON) records for each sample its key, the byte range
+[start, end) covering all its members (tar headers included), and for each member its data
+offset, size and CRC-32. Samples i..j are therefore one ranged read: [start[i], end[j]).
+Members are returned as raw bytes; nothing is ever unpickled or executed.
+"""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import zlib
+from dataclasses import dataclass
+from typing import IO, Any, Iterator, Mapping, Optional, Sequence
+
+from pipeline import storage
+
+INDEX_FORMAT = "selfsup-index/1"
+Members = dict[str, bytes]
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """`dir/000123.jpg` → (`dir/000123`, `jpg`): the key ends at the basename's first dot."""
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1:]
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """Byte layout of one shard: per sample key, [start, end) and members {ext: (offset, size, crc)}."""
+
+    shard: str
+    keys: tuple[str, ...]
+    starts: tuple[int, ...]
+    ends: tuple[int, ...]
+    members: tuple[Mapping[str, tuple[int, int, int]], ...]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def to_json(self) -> str:
+        """The index as JSON text."""
+        return json.dumps({
+            "format": INDEX_FORMAT, "shard": self.shard, "n_samples": len(self.keys),
+            "keys": list(self.keys), "starts": list(self.starts), "ends": list(self.ends),
+            "members": [{ext: list(v) for ext, v in m.items()} for m in self.members],
+        }, separators=(",", ":"))
+
+    @staticmethod
+    def from_json(text: str | bytes, where: str = "index") -> "ShardIndex":
+        """Parse an index; raises ValueError naming `where` when it is not one."""
+        try:
+            d = json.loads(text)
+            if d.get("format") != INDEX_FORMAT:
+                raise ValueError(f"format is {d.get('format')!r}, expected {INDEX_FORMAT!r}")
+            idx = ShardIndex(
+                shard=str(d["shard"]), keys=tuple(d["keys"]), starts=tuple(d["starts"]),
+                ends=tuple(d["ends"]),
+                members=tuple({ext: tuple(v) for ext, v in m.items()} for m in d["members"]),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{where} is not a valid selfsup shard index: {e}") from None
+        if not (len(idx.keys) == len(idx.starts) == len(idx.ends) == len(idx.members) == d["n_samples"]):
+            raise ValueError(f"{where}: index arrays disagree in length")
+        return idx
+
+    def span(self, lo: int, hi: int) -> tuple[int, int]:
+        """Byte range [start, end) holding samples lo..hi-1."""
+        return self.starts[lo], self.ends[hi - 1]
+
+
+def index_tar(fileobj: IO[bytes], shard: str) -> ShardIndex:
+    """Scan a tar (seekable) and build its index, grouping consecutive members by key."""
+    keys: list[str] = []
+    starts: list[int] = []
+    ends: list[int] = []
+    members: list[dict[str, tuple[int, int, int]]] = []
+    with tarfile.open(fileobj=fileobj, mode="r:") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            key, ext = split_name(info.name)
+            data_end = info.offset_data + info.size
+            padded_end = data_end + (-info.size % 512)
+            fileobj_pos = fileobj.tell()
+            fileobj.seek(info.offset_data)
+            crc = zlib.crc32(fileobj.read(info.size))
+            fileobj.seek(fileobj_pos)
+            if not keys or keys[-1] != key:
+                keys.append(key)
+                starts.append(info.offset)
+                ends.append(padded_end)
+                members.append({})
+            ends[-1] = padded_end
+            members[-1][ext] = (info.offset_data, info.size, crc)
+    if len(set(keys)) != len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1})[:3]
+        raise ValueError(f"shard {shard}: members of sample(s) {dup} are not contiguous")
+    return ShardIndex(shard, tuple(keys), tuple(starts), tuple(ends), tuple(members))
+
+
+def members_from_range(index: ShardIndex, lo: int, hi: int, data: bytes,
+                       check_crc: bool = False) -> list[tuple[str, Members]]:
+    """Slice samples lo..hi-1 out of `data`, the bytes of index.span(lo, hi)."""
+    base = index.starts[lo]
+    out = []
+    for i in range(lo, hi):
+        sample: Members = {}
+        for ext, (off, size, crc) in index.members[i].items():
+            blob = data[off - base: off - base + size]
+            if check_crc and zlib.crc32(blob) != crc:
+                raise ValueError(f"{index.shard}: member {index.keys[i]}.{ext} fails its CRC")
+            sample[ext] = blob
+        out.append((index.keys[i], sample))
+    return out
+
+
+def read_samples(shard_url: str, index: ShardIndex, lo: int, hi: int,
+                 options: Optional[Mapping[str, Any]] = None) -> list[tuple[str, Members]]:
+    """Samples lo..hi-1 of a shard with one ranged read."""
+    start, end = index.span(lo, hi)
+    data = storage.read_bytes(shard_url, start, end, options)
+    return members_from_range(index, lo, hi, data)
+
+
+def iter_tar(stream: IO[bytes]) -> Iterator[tuple[str, Members]]:
+    """Scan a tar stream (not seekable) and yield (key, {ext: bytes}) per sample."""
+    current: Optional[str] = None
+    sample: Members = {}
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            key, ext = split_name(info.name)
+            f = tar.extractfile(info)
+            data = f.read() if f is not None else b""
+            if current is not None and key != current:
+                yield current, sample
+                sample = {}
+            current = key
+            sample[ext] = data
+    if current is not None:
+        yield current, sample
+
+
+def scan_shard(shard_url: str, options: Optional[Mapping[str, Any]] = None) -> list[tuple[str, Members]]:
+    """All samples of a shard by scanning it front to back (no index)."""
+    return list(iter_tar(io.BytesIO(storage.read_bytes(shard_url, options=options))))
+
+
+def load_index(index_url: str, options: Optional[Mapping[str, Any]] = None) -> ShardIndex:
+    """Read and parse a shard's index."""
+    return ShardIndex.from_json(storage.read_bytes(index_url, options=options), index_url)
+
+
+def encode_label(label: int) -> bytes:
+    """A `.cls` member: the class index as ASCII digits."""
+    return str(int(label)).encode("ascii")
+
+
+def decode_label(data: bytes) -> int:
+    """Parse a `.cls` member."""
+    return int(data.decode("ascii").strip())
+
