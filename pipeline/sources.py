@@ -280,3 +280,6 @@ def detect_source(root: str, modality: str, source_type: Optional[str]) -> str:
     if FSDDSource.detect(root):
         return "fsdd"
     return "folder"
+
+
+from pipeline import moving  # noqa: E402,F401  (registers "moving-fashion-mnist")

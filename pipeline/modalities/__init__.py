@@ -17,3 +17,5 @@ def make_modality(name: str, **args: Any) -> Modality:
 __all__ = ["MODALITIES", "DecodeError", "Modality", "Sample", "make_modality"]
 
 from pipeline.modalities import image  # noqa: E402,F401  (registers "image")
+from pipeline.modalities import audio  # noqa: E402,F401  (registers "audio")
+from pipeline.modalities import video  # noqa: E402,F401  (registers "video")

@@ -1,0 +1,200 @@
+"""Making micro-batch i of an epoch: ranged reads → decode → views → masks → fixed-shape arrays.
+
+`BatchMaker.make(epoch, i)` is a pure function of (feed spec, epoch, i): ShardStream actors,
+local worker processes and the calling thread all produce the same bytes, so any of them can
+make any batch. Bad samples (decode failures on fully read bytes) are quarantined: their slot
+is filled by a stable-hash choice from the same micro-batch, flagged and reported; no other
+position moves. I/O errors are retried by the storage layer, then raised naming the shard.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from pipeline import storage
+from pipeline.masking import make_mask
+from pipeline.modalities import make_modality
+from pipeline.modalities.base import Sample
+from pipeline.plan import EpochPlan, plan_epoch
+from pipeline.seeding import sample_rng, stable_hash
+from pipeline.snapshot import Snapshot
+from pipeline.tarindex import ShardIndex, decode_label, load_index, members_from_range
+
+ON_ERROR = ("quarantine", "raise")
+MAX_REPLACEMENT_ATTEMPTS = 16
+
+
+class ShardReadError(IOError):
+    """A shard that could not be read after retries; stops the run."""
+
+
+class SampleDecodeError(ValueError):
+    """A sample that failed to decode while on_error='raise'."""
+
+
+@dataclass(frozen=True)
+class FeedSpec:
+    """Everything that determines the batches: data, plan parameters, modality and masks."""
+
+    snapshot: Snapshot
+    batch_size: int
+    modality_args: Mapping[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    train: bool = True
+    mix: int = 4
+    run_length: Optional[int] = None
+    mask: Optional[Mapping[str, Any]] = None  # {"kind", "ratio", "geometry", ...}
+    label: Optional[str] = None               # eval: "cls" or a key of the sample's .json
+    on_error: str = "quarantine"
+    storage_options: Optional[Mapping[str, Any]] = None
+
+    def __post_init__(self) -> None:
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
+
+    def __hash__(self) -> int:  # mappings inside: hash a stable digest instead
+        return stable_hash(self.snapshot.digest(), self.batch_size, json.dumps(
+            [dict(self.modality_args), self.seed, self.train, self.mix, self.run_length,
+             dict(self.mask or {}), self.label, self.on_error], sort_keys=True, default=str))
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """The plan of an epoch under this spec."""
+        return plan_epoch(self.snapshot, self.seed, epoch, self.batch_size, self.mix, self.run_length, self.train)
+
+
+def label_of(members: Mapping[str, bytes], target: str) -> int:
+    """The integer label `target` of a sample: `.cls`, or a key of its `.json`; -1 if absent."""
+    try:
+        if target == "cls":
+            return decode_label(members["cls"]) if "cls" in members else -1
+        meta = json.loads(members["json"]) if "json" in members else {}
+        return int(meta[target]) if target in meta else -1
+    except (ValueError, KeyError, TypeError):
+        return -1
+
+
+class BatchMaker:
+    """Makes micro-batches for one feed spec; caches shard indexes and epoch plans."""
+
+    def __init__(self, spec: FeedSpec) -> None:
+        _one_thread()
+        self.spec = spec
+        self.modality = make_modality(spec.snapshot.modality, **dict(spec.modality_args))
+        self.grid = self.modality.token_grid(spec.mask["geometry"]) if spec.mask else None
+        self._index = functools.lru_cache(maxsize=256)(self._load_index)
+
+    def _load_index(self, shard: int) -> ShardIndex:
+        ref = self.spec.snapshot.shards[shard]
+        try:
+            idx = load_index(ref.index_url, self.spec.storage_options)
+        except (OSError, ValueError) as e:
+            raise ShardReadError(f"cannot read the index of {storage.redact_url(ref.url)}: {e}") from e
+        if len(idx) != ref.n_samples:
+            raise ShardReadError(f"{storage.redact_url(ref.url)}: index lists {len(idx)} samples, "
+                                 f"the snapshot {ref.n_samples}")
+        return idx
+
+    def read(self, shard: int, lo: int, hi: int) -> list[tuple[str, dict[str, bytes]]]:
+        """Samples lo..hi-1 of a snapshot shard, one ranged read."""
+        ref, idx = self.spec.snapshot.shards[shard], self._index(shard)
+        start, end = idx.span(lo, hi)
+        try:
+            data = storage.read_bytes(ref.url, start, end, self.spec.storage_options)
+        except OSError as e:
+            raise ShardReadError(f"reading {storage.redact_url(ref.url)} bytes {start}-{end} failed: {e}") from e
+        return members_from_range(idx, lo, hi, data)
+
+    def sample(self, epoch: int, shard: int, key: str, members: Mapping[str, bytes], slot: int) -> Sample:
+        """One sample's arrays (views, mask); raises on decode failure."""
+        url = self.spec.snapshot.shards[shard].url
+        rng = sample_rng(self.spec.seed, epoch, url, key)
+        out = self.modality.sample(self.modality.decode(members), rng, self.spec.train)
+        if self.spec.mask is not None:
+            mrng = sample_rng(self.spec.seed, epoch, url, key, "mask")
+            valid = self.modality.valid_tokens(out, self.spec.mask["geometry"])
+            out["mask"] = make_mask(self.spec.mask, self.grid, mrng, valid=valid)
+        return out
+
+    def make(self, epoch: int, i: int) -> dict[str, Any]:
+        """Micro-batch i of `epoch` as a dict of contiguous numpy arrays (plus a quarantine list)."""
+        plan = self.spec.plan(epoch)
+        rows: list[tuple[int, int, str, dict[str, bytes]]] = []  # shard, position, key, members
+        for shard, lo, hi in plan.batch(i):
+            for pos, (key, members) in zip(range(lo, hi), self.read(shard, lo, hi)):
+                rows.append((shard, pos, key, members))
+        n_valid = int(plan.valid[i])
+        samples: list[Optional[Sample]] = []
+        errors: dict[int, str] = {}
+        for slot, (shard, pos, key, members) in enumerate(rows):
+            try:
+                samples.append(self.sample(epoch, shard, key, members, slot))
+            except Exception as e:  # noqa: BLE001 - any failure on fully read bytes is a decode failure
+                if self.spec.on_error == "raise":
+                    raise SampleDecodeError(f"{storage.redact_url(self.spec.snapshot.shards[shard].url)}"
+                                            f" sample {key}: {type(e).__name__}: {e}") from e
+                samples.append(None)
+                errors[slot] = f"{type(e).__name__}: {e}"
+        quarantine = []
+        for slot in sorted(errors):
+            shard, pos, key, _ = rows[slot]
+            samples[slot] = self._replacement(epoch, rows, samples, slot)
+            quarantine.append({"shard": self.spec.snapshot.shards[shard].url, "key": key, "epoch": epoch,
+                               "position": pos, "error": errors[slot][:500]})
+        return self._stack(epoch, i, rows, samples, sorted(errors), n_valid, quarantine)
+
+    def _replacement(self, epoch: int, rows: list, samples: list, slot: int) -> Sample:
+        """The sample at a stable-hash position of the same micro-batch fills a bad slot."""
+        key = rows[slot][2]
+        for attempt in range(MAX_REPLACEMENT_ATTEMPTS):
+            j = stable_hash(self.spec.seed, epoch, key, attempt) % len(rows)
+            if samples[j] is not None:
+                return {k: v.copy() for k, v in samples[j].items()}  # type: ignore[union-attr]
+        good = [s for s in samples if s is not None]
+        if good:
+            return {k: v.copy() for k, v in good[0].items()}
+        return self.modality.blank(self.spec.train) | (
+            {"mask": np.zeros(int(np.prod(self.grid)), bool)} if self.grid else {})
+
+    def _stack(self, epoch: int, i: int, rows: list, samples: list, bad: list[int], n_valid: int,
+               quarantine: list) -> dict[str, Any]:
+        size = self.spec.batch_size
+        pad = size - len(rows)
+        if pad:
+            blank = self.modality.blank(self.spec.train)
+            if self.spec.mask is not None:
+                blank["mask"] = np.zeros(int(np.prod(self.grid)), bool)
+            samples = samples + [blank] * pad
+        batch: dict[str, Any] = {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+        snapshot = self.spec.snapshot
+        batch["key"] = np.array([r[2] for r in rows] + [""] * pad)
+        batch["shard"] = np.array([snapshot.shards[r[0]].url for r in rows] + [""] * pad)
+        batch["position"] = np.array([r[1] for r in rows] + [-1] * pad, dtype=np.int64)
+        batch["quarantined"] = np.zeros(size, bool)
+        batch["quarantined"][bad] = True
+        batch["valid"] = np.arange(size) < n_valid
+        if self.spec.label:
+            batch["label"] = np.array([label_of(r[3], self.spec.label) for r in rows] + [-1] * pad, np.int64)
+        batch["epoch"] = np.int64(epoch)
+        batch["index"] = np.int64(i)
+        batch["quarantine"] = quarantine
+        return batch
+
+
+def _one_thread() -> None:
+    """One OpenCV/torch thread per batch maker: parallelism comes from streams, not threads."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+    except ImportError:
+        pass
+    import sys
+
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)

@@ -1,0 +1,137 @@
+"""Run snapshots: the manifest rows a run trains on, frozen in `<run>/manifest.parquet` when it starts.
+
+Planning and resuming read only the snapshot, so shards appended to a dataset later never change
+a running epoch. Several sources (dataset URL + split) can be mixed with weights; the weights are
+stored in the snapshot too.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import manifest, storage
+
+SNAPSHOT_FILE = "manifest.parquet"
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One dataset to draw from: its URL, which split, and its mixing weight (None = by size)."""
+
+    url: str
+    split: str = "pretrain"
+    weight: Optional[float] = None
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{storage.redact_url(self.url)}#{self.split}"
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """A shard as the planner and streams see it."""
+
+    url: str
+    index_url: str
+    n_samples: int
+    source: str
+    sha256: str = ""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The frozen shard list of a run, sorted by shard URL, with per-source weights."""
+
+    shards: tuple[ShardRef, ...]
+    weights: tuple[tuple[str, Optional[float]], ...]
+    modality: str
+
+    @property
+    def n_samples(self) -> int:
+        return sum(s.n_samples for s in self.shards)
+
+    def digest(self) -> str:
+        """A short stable id of the snapshot's content."""
+        h = hashlib.blake2b(digest_size=8)
+        for s in self.shards:
+            h.update(f"{s.url}|{s.n_samples}|{s.sha256}|{s.source}\n".encode())
+        h.update(json.dumps(self.weights).encode())
+        return h.hexdigest()
+
+    def weight_of(self, source: str) -> Optional[float]:
+        return dict(self.weights).get(source)
+
+
+def build_snapshot(sources: Sequence[SourceSpec], modality: Optional[str] = None,
+                   options: Optional[Mapping[str, Any]] = None, as_of: Any = None) -> Snapshot:
+    """Read the sources' manifests now and freeze the visible shards of the chosen splits."""
+    if not sources:
+        raise ValueError("no data sources configured (data.sources is empty)")
+    weights = [s.weight for s in sources]
+    if any(w is not None for w in weights) and any(w is None for w in weights):
+        raise ValueError("give every source a weight, or none (then sources mix by size)")
+    if any(w is not None and w <= 0 for w in weights):
+        raise ValueError(f"source weights must be positive, got {weights}")
+    refs: dict[str, ShardRef] = {}
+    modalities = set()
+    for src in sources:
+        rows = [r for r in manifest.read_manifest(src.url, options, as_of=as_of) if r["split"] == src.split]
+        if not rows:
+            raise ValueError(f"no visible shards with split {src.split!r} in {storage.redact_url(src.url)} "
+                             "(see `selfsup shards ls`)")
+        for r in rows:
+            url = storage.join(storage.full_url(src.url), r["path"])
+            refs[url] = ShardRef(url, storage.join(storage.full_url(src.url), r["index"]),
+                                 int(r["n_samples"]), src.label, r["sha256"])
+            modalities.add(r["modality"])
+    if modality is not None and modalities != {modality}:
+        raise ValueError(f"sources hold {sorted(modalities)} shards but the run is configured for {modality!r}")
+    if len(modalities) != 1:
+        raise ValueError(f"sources mix modalities {sorted(modalities)}; a run uses one")
+    return Snapshot(tuple(refs[u] for u in sorted(refs)), tuple((s.label, s.weight) for s in sources),
+                    modalities.pop())
+
+
+def snapshot_table(snap: Snapshot) -> pa.Table:
+    """The snapshot as a Parquet-ready table (weights and modality in the schema metadata)."""
+    table = pa.Table.from_pylist([s.__dict__ for s in snap.shards], schema=pa.schema([
+        ("url", pa.string()), ("index_url", pa.string()), ("n_samples", pa.int64()),
+        ("source", pa.string()), ("sha256", pa.string())]))
+    meta = {"weights": json.dumps(snap.weights), "modality": snap.modality}
+    return table.replace_schema_metadata({k.encode(): v.encode() for k, v in meta.items()})
+
+
+def save_snapshot(snap: Snapshot, run_dir: str, options: Optional[Mapping[str, Any]] = None) -> str:
+    """Write `<run>/manifest.parquet` atomically; returns its URL."""
+    buf = io.BytesIO()
+    pq.write_table(snapshot_table(snap), buf)
+    url = storage.join(run_dir, SNAPSHOT_FILE)
+    storage.write_bytes(url, buf.getvalue(), options)
+    return url
+
+
+def load_snapshot(run_dir: str, options: Optional[Mapping[str, Any]] = None) -> Snapshot:
+    """Read a run's snapshot."""
+    url = storage.join(run_dir, SNAPSHOT_FILE)
+    table = pq.read_table(io.BytesIO(storage.read_bytes(url, options=options)))
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    shards = tuple(ShardRef(**row) for row in table.to_pylist())
+    weights = tuple((str(n), w) for n, w in json.loads(meta.get("weights", "[]")))
+    return Snapshot(shards, weights, meta.get("modality", ""))
+
+
+def snapshot_for_run(run_dir: str, sources: Sequence[SourceSpec], modality: Optional[str] = None,
+                     options: Optional[Mapping[str, Any]] = None) -> Snapshot:
+    """The run's snapshot: the saved one when resuming, else a new one, saved now."""
+    if storage.exists(storage.join(run_dir, SNAPSHOT_FILE), options):
+        return load_snapshot(run_dir, options)
+    snap = build_snapshot(sources, modality, options)
+    save_snapshot(snap, run_dir, options)
+    return snap

@@ -1,0 +1,42 @@
+"""ShardStream: a Ray actor on CPU that makes micro-batches on request.
+
+`batch(epoch, i)` is a pure function of the feed spec, so any stream can make any batch and a
+feed that loses a stream simply asks a new one. Streams ask only for CPU (plus optional custom
+resources such as `shardstream`, which CPU worker nodes offer), so they can sit on CPU-only
+nodes. They are never restarted by Ray (`max_restarts=0`): the feed replaces them.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Optional
+
+import ray
+
+from pipeline.batch import BatchMaker, FeedSpec
+
+
+@ray.remote(max_restarts=0, max_task_retries=0)
+class ShardStream:
+    """Makes micro-batches of one feed spec; holds shard indexes and plans in memory."""
+
+    def __init__(self, spec: FeedSpec) -> None:
+        self.maker = BatchMaker(spec)
+
+    def batch(self, epoch: int, i: int) -> dict[str, Any]:
+        """Micro-batch i of `epoch`."""
+        return self.maker.make(epoch, i)
+
+    def pid(self) -> int:
+        """The actor's process id (tests kill it to check recovery)."""
+        return os.getpid()
+
+
+def start_stream(spec: FeedSpec, num_cpus: float = 1.0, resources: Optional[Mapping[str, float]] = None,
+                 name: Optional[str] = None) -> Any:
+    """Start one ShardStream actor asking for `num_cpus` and custom `resources`."""
+    opts: dict[str, Any] = {"num_cpus": num_cpus}
+    if resources:
+        opts["resources"] = dict(resources)
+    if name:
+        opts["name"] = name
+    return ShardStream.options(**opts).remote(spec)
