@@ -17,6 +17,8 @@ DATASETS = {
              "--data pointing at the folder holding it"),
     "video": (("video",), "put video files (e.g. OpenCV's samples vtest.avi, tree.avi from Debian's "
                           "opencv-doc) into DATA/video/"),
+    "photos": (("photos",), "put real photographs (JPEG, ideally a few hundred of ImageNet-like size) "
+                            "into DATA/photos/, or pass --data pointing at such a folder"),
 }
 
 
@@ -44,6 +46,8 @@ def _looks_right(name: str, path: Path) -> bool:
         return any(path.glob("train-images-idx3-ubyte*")) or any(path.glob("t10k-images-idx3-ubyte*"))
     if name == "fsdd":
         return any(path.glob("*_*_*.wav"))
+    if name == "photos":
+        return any(p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp") for p in path.glob("*"))
     return any(p.suffix.lower() in (".avi", ".mp4", ".mkv", ".webm", ".mov") for p in path.glob("*"))
 
 

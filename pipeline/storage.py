@@ -486,3 +486,17 @@ def append_line(url: str, line: str, options: Optional[Mapping[str, Any]] = None
             return
         time.sleep(0.05 * random.random())
     raise OSError(errno.EAGAIN, f"could not append to {redact_url(url)}: too much contention")
+
+
+def arrow_filesystem(url: str, options: Optional[Mapping[str, Any]] = None) -> tuple[Any, str]:
+    """(pyarrow filesystem or None, path) for libraries that take pyarrow (Ray Train's storage).
+
+    Local paths return (None, absolute path); object stores go through the same fsspec
+    filesystem (and credentials) as everything else here.
+    """
+    if is_local(url):
+        return None, local_path(url)
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = filesystem(url, options)
+    return PyFileSystem(FSSpecHandler(fs)), path

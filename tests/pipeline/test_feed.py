@@ -1,0 +1,265 @@
+"""BatchFeed on a real local Ray cluster and shards on S3 (moto): exactly once, recovery, resume, quarantine."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline import manifest, storage
+from pipeline.batch import FeedSpec, SampleDecodeError
+from pipeline.feed import BatchFeed
+from pipeline.snapshot import SourceSpec, build_snapshot
+from pipeline.sources import fmnist_arrays
+from pipeline.tarindex import index_tar, load_index
+from tests.conftest import FMNIST, run_cli
+
+BATCH = 28  # 600 samples → 21 micro-batches (12 samples dropped); two ranks → 10 steps, one batch dropped
+ARGS = {"size": 28, "channels": 1}
+ARRAYS = ("view1", "view2")
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+@pytest.fixture(scope="module")
+def fmnist(moto_s3: Any) -> dict[str, Any]:
+    """600 Fashion-MNIST images in 6 shards on S3, their snapshot, and (shard url, position) → key."""
+    dest = moto_s3.bucket("feed") + "/fm"
+    res = run_cli("shards", "write", str(FMNIST), dest, "--modality", "image", "--limit", "600",
+                  "--samples-per-shard", "100", "--workers", "1", "--quiet")
+    assert res.returncode == 0, res.stderr
+    snap = build_snapshot([SourceSpec(url=dest, split="pretrain")])
+    assert len(snap.shards) == 6 and snap.n_samples == 600
+    return {"snapshot": snap, "keys": shard_keys(snap)}
+
+
+def shard_keys(snap: Any) -> dict[tuple[str, int], str]:
+    """(shard url, position) → key, from the shards' indexes."""
+    out = {}
+    for s in snap.shards:
+        for pos, key in enumerate(load_index(s.index_url).keys):
+            out[(s.url, pos)] = key
+    return out
+
+
+@pytest.fixture(scope="module")
+def spec(fmnist: dict[str, Any]) -> FeedSpec:
+    return FeedSpec(fmnist["snapshot"], BATCH, modality_args=ARGS, seed=5)
+
+
+@pytest.fixture(scope="module")
+def reference(spec: FeedSpec) -> list[dict[str, Any]]:
+    """Epoch 0 taken uninterrupted by one rank from two Ray streams."""
+    with BatchFeed(spec, 0, 1, streams=2, prefetch=2, backend="ray", stream_cpus=0.25) as feed:
+        assert feed.steps_per_epoch() == 21
+        return [feed.next() for _ in range(21)]
+
+
+def planned_keys(spec: FeedSpec, keys: dict[tuple[str, int], str], epoch: int, i: int) -> list[str]:
+    """The keys the plan puts in micro-batch i, in order."""
+    return [keys[(spec.snapshot.shards[s].url, p)] for s, lo, hi in spec.plan(epoch).batch(i) for p in range(lo, hi)]
+
+
+def assert_same_batch(got: dict[str, Any], want: dict[str, Any]) -> None:
+    """Byte-identical arrays and the same keys, positions and index."""
+    for name in (*ARRAYS, "key", "shard", "position", "quarantined", "valid"):
+        assert np.array_equal(got[name], want[name]), name
+    assert got["view1"].dtype == want["view1"].dtype and int(got["index"]) == int(want["index"])
+
+
+def run_ranks(feeds: Sequence[BatchFeed], steps: int, kill_at: int = -1) -> list[list[dict[str, Any]]]:
+    """Step every rank in lock step; at step `kill_at`, kill rank 0's first stream actor."""
+    import ray
+
+    out: list[list[dict[str, Any]]] = [[] for _ in feeds]
+    for k in range(steps):
+        if k == kill_at:
+            ray.kill(feeds[0].stream_handles()[0], no_restart=True)
+        for r, feed in enumerate(feeds):
+            out[r].append(feed.next())
+    return out
+
+
+@pytest.mark.parametrize("kill", [False, True], ids=["plain", "stream-killed"])
+def test_two_ranks_take_every_key_once_even_when_a_stream_dies(spec: FeedSpec, fmnist: dict[str, Any],
+                                                                reference: list[dict[str, Any]], kill: bool) -> None:
+    feeds = [BatchFeed(spec, r, 2, streams=2, prefetch=2, backend="ray", stream_cpus=0.25) for r in range(2)]
+    try:
+        steps = feeds[0].steps_per_epoch()
+        assert steps == feeds[1].steps_per_epoch() == 10
+        before = feeds[0].stream_handles()[0]
+        got = run_ranks(feeds, steps, kill_at=4 if kill else -1)
+        per_rank = [[str(k) for b in batches for k in b["key"]] for batches in got]
+        for r, batches in enumerate(got):
+            for k, b in enumerate(batches):
+                assert (int(b["epoch"]), int(b["index"])) == (0, 2 * k + r)
+                assert list(b["key"]) == planned_keys(spec, fmnist["keys"], 0, 2 * k + r)
+                assert_same_batch(b, reference[2 * k + r])  # the same bytes as one rank gets
+                assert b["view1"].shape == (BATCH, 28, 28, 1) and b["view1"].dtype == np.uint8
+        assert not set(per_rank[0]) & set(per_rank[1])
+        union = per_rank[0] + per_rank[1]
+        assert len(union) == len(set(union)) == 2 * steps * BATCH
+        dropped = set(fmnist["keys"].values()) - set(union)
+        assert len(dropped) == 600 - 2 * steps * BATCH < 2 * BATCH
+        assert [f.state_dict() for f in feeds] == [{"epoch": 0, "consumed": 20}] * 2
+        assert feeds[0].steps_left_in_epoch() == 0
+        restarts = feeds[0].stats()["restarts"]
+        if kill:
+            assert restarts >= 1 and feeds[0].stream_handles()[0] != before
+        else:
+            assert restarts == 0
+        assert feeds[1].stats()["restarts"] == 0
+        nxt = [f.next() for f in feeds]  # the next epoch starts at its first micro-batches
+        assert [(int(b["epoch"]), int(b["index"])) for b in nxt] == [(1, 0), (1, 1)]
+    finally:
+        for f in feeds:
+            f.close()
+
+
+def test_resume_from_state_dict_gives_the_same_remaining_bytes(spec: FeedSpec,
+                                                               reference: list[dict[str, Any]]) -> None:
+    with BatchFeed(spec, 0, 1, streams=2, prefetch=2, backend="ray", stream_cpus=0.25) as feed:
+        first = [feed.next() for _ in range(7)]
+        state = feed.state_dict()
+    assert state == {"epoch": 0, "consumed": 7}
+    for b, ref in zip(first, reference):
+        assert_same_batch(b, ref)
+    with BatchFeed(spec, 0, 1, streams=1, prefetch=3, backend="ray", stream_cpus=0.25) as feed:
+        feed.load_state_dict(state)
+        assert feed.steps_left_in_epoch() == 14
+        rest = [feed.next() for _ in range(14)]
+        assert feed.state_dict() == {"epoch": 0, "consumed": 21}
+    for b, ref in zip(rest, reference[7:]):
+        assert_same_batch(b, ref)
+
+
+def test_two_ranks_resume_as_one_from_the_global_position(spec: FeedSpec, fmnist: dict[str, Any],
+                                                          reference: list[dict[str, Any]]) -> None:
+    feeds = [BatchFeed(spec, r, 2, streams=1, prefetch=2, backend="ray", stream_cpus=0.25) for r in range(2)]
+    try:
+        before = run_ranks(feeds, 4)
+        states = [f.state_dict() for f in feeds]
+    finally:
+        for f in feeds:
+            f.close()
+    assert states == [{"epoch": 0, "consumed": 8}] * 2  # consumed counts global micro-batches
+    with BatchFeed(spec, 0, 1, streams=2, prefetch=2, backend="ray", stream_cpus=0.25) as feed:
+        feed.load_state_dict(states[0])
+        steps = feed.steps_left_in_epoch()
+        assert steps == 13
+        after = [feed.next() for _ in range(steps)]
+    for b, ref in zip(after, reference[8:]):
+        assert_same_batch(b, ref)
+    keys_before = [str(k) for batches in before for b in batches for k in b["key"]]
+    keys_after = [str(k) for b in after for k in b["key"]]
+    assert not set(keys_before) & set(keys_after)
+    everything = keys_before + keys_after
+    assert len(everything) == len(set(everything)) == 21 * BATCH
+    assert set(everything) == {k for i in range(21) for k in planned_keys(spec, fmnist["keys"], 0, i)}
+
+
+def test_local_and_inline_backends_make_the_same_bytes_as_ray(spec: FeedSpec,
+                                                              reference: list[dict[str, Any]]) -> None:
+    with BatchFeed(spec, 0, 1, streams=2, prefetch=1, backend="local") as feed:
+        local = [feed.next() for _ in range(3)]
+        assert len(feed.local_pids()) >= 1
+    with BatchFeed(spec, 0, 1, backend="inline") as feed:
+        inline = [feed.next() for _ in range(3)]
+    for i in range(3):
+        assert_same_batch(local[i], reference[i])
+        assert_same_batch(inline[i], reference[i])
+    assert not np.array_equal(reference[0]["view1"], reference[1]["view1"])  # the comparison can fail
+
+
+# ---------------------------------------------------------------- bad data
+
+
+def jpeg(img: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert ok
+    return buf.tobytes()
+
+
+def add_shard(dest: str, name: str, samples: Sequence[tuple[str, dict[str, bytes]]], modality: str,
+              split: str = "pretrain") -> None:
+    """Tar `samples` as they are (no validation), index the tar, upload both, then add the manifest row."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    index = index_tar(io.BytesIO(data), name + ".tar")
+    assert len(index) == len(samples)
+    storage.write_bytes(storage.join(dest, name + ".tar"), data)
+    storage.write_text(storage.join(dest, name + ".idx"), index.to_json())
+    manifest.append_rows(dest, [{"path": name + ".tar", "index": name + ".idx", "modality": modality,
+                                 "split": split, "n_samples": len(samples), "n_bytes": len(data),
+                                 "sha256": hashlib.sha256(data).hexdigest()}])
+
+
+@pytest.fixture(scope="module")
+def bad_images(moto_s3: Any) -> dict[str, Any]:
+    """One shard of 40 Fashion-MNIST JPEGs where one is junk and one is cut in half."""
+    images, _ = fmnist_arrays(str(FMNIST), "test")
+    samples = [(f"img-{i:03d}", {"jpg": jpeg(images[i])}) for i in range(40)]
+    whole = samples[17][1]["jpg"]
+    samples[17] = ("img-017", {"jpg": whole[: len(whole) // 2]})
+    samples[29] = ("img-029", {"jpg": np.random.default_rng(0).integers(0, 256, 900, np.uint8).tobytes()})
+    dest = moto_s3.bucket("bad") + "/ds"
+    add_shard(dest, "pretrain-bad-000000", samples, "image")
+    snap = build_snapshot([SourceSpec(url=dest, split="pretrain")])
+    return {"snapshot": snap, "keys": shard_keys(snap), "bad": {"img-017": "truncated JPEG",
+                                                                "img-029": "unreadable image header"}}
+
+
+def test_bad_samples_are_quarantined_flagged_listed_and_change_no_step(bad_images: dict[str, Any],
+                                                                       moto_s3: Any) -> None:
+    snap, bad = bad_images["snapshot"], bad_images["bad"]
+    spec = FeedSpec(snap, 8, modality_args=ARGS, seed=1)
+    run = moto_s3.bucket("run") + "/run-1"
+    qurl = storage.join(run, "quarantine.jsonl")
+    with BatchFeed(spec, 0, 1, streams=2, prefetch=2, backend="ray", stream_cpus=0.25, quarantine_url=qurl) as feed:
+        steps = feed.steps_per_epoch()
+        assert steps == spec.plan(0).num_batches == 5  # the plan's count: bad samples change nothing
+        batches = [feed.next() for _ in range(steps)]
+        assert feed.state_dict() == {"epoch": 0, "consumed": 5}
+    flagged, records = {}, []
+    for i, b in enumerate(batches):
+        assert list(b["key"]) == planned_keys(spec, bad_images["keys"], 0, i)
+        assert b["valid"].all() and b["view1"].shape == (8, 28, 28, 1)
+        for slot in np.flatnonzero(b["quarantined"]):
+            flagged[str(b["key"][slot])] = (i, int(b["position"][slot]))
+            # the slot holds a copy of another, good sample of the same micro-batch
+            assert any(np.array_equal(b["view1"][slot], b["view1"][j]) and np.array_equal(b["view2"][slot], b["view2"][j])
+                       for j in np.flatnonzero(~b["quarantined"]))
+        records += b["quarantine"]
+    assert set(flagged) == set(bad)  # flagged and counted: exactly the two bad samples
+    assert sorted(r["key"] for r in records) == sorted(bad)
+    lines = [json.loads(x) for x in storage.read_text(qurl).splitlines()]
+    assert len(lines) == 2
+    for rec in lines:
+        assert rec["shard"] == snap.shards[0].url and rec["epoch"] == 0
+        assert bad[rec["key"]] in rec["error"] and rec["position"] == flagged[rec["key"]][1]
+    # a feed resumed over the same epoch does not list them twice
+    with BatchFeed(spec, 0, 1, backend="inline", quarantine_url=qurl) as feed:
+        again = [feed.next() for _ in range(steps)]
+    assert sum(int(b["quarantined"].sum()) for b in again) == 2
+    assert len(storage.read_text(qurl).splitlines()) == 2
+
+
+def test_on_error_raise_names_the_first_bad_key(bad_images: dict[str, Any]) -> None:
+    spec = FeedSpec(bad_images["snapshot"], 8, modality_args=ARGS, seed=1, on_error="raise")
+    order = [k for i in range(spec.plan(0).num_batches) for k in planned_keys(spec, bad_images["keys"], 0, i)]
+    first = next(k for k in order if k in bad_images["bad"])
+    with BatchFeed(spec, 0, 1, backend="inline") as feed:
+        with pytest.raises(SampleDecodeError, match=first) as err:
+            for _ in range(spec.plan(0).num_batches):
+                feed.next()
+    assert bad_images["bad"][first] in str(err.value)

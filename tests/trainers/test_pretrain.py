@@ -1,0 +1,131 @@
+"""`selfsup pretrain` on a real local Ray cluster: 2-worker CPU DDP, checkpoints on moto S3,
+exact resume, restart after a killed worker, and load_encoder from S3."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from jobs.cli import main
+from pipeline import storage
+from tests.conftest import FMNIST, ROOT, run_cli
+from trainers import checkpoint as ck
+
+CONFIG = str(ROOT / "jobs" / "configs" / "simclr_image.yaml")
+
+
+@pytest.fixture(scope="module")
+def fm_shards(moto_s3):
+    """1200 Fashion-MNIST images in 6 shards on moto S3."""
+    dest = moto_s3.bucket("fm") + "/fashion-mnist"
+    res = run_cli("shards", "write", str(FMNIST), dest, "--modality", "image", "--limit", "1200",
+                  "--samples-per-shard", "200", "--workers", "1", "--quiet")
+    assert res.returncode == 0, res.stderr
+    return dest
+
+
+def overrides(run: str, data: str, steps: int, **extra: object) -> list[str]:
+    base = {"run": run, "data.sources": f"[{{url: {data}}}]", "train.steps": steps, "train.log_every": 1,
+            "train.warmup_steps": 2, "data.batch_size": 64, "data.streams": 1, "data.stream_cpus": 0.25,
+            "scaling.cpus_per_worker": 0.5, "objective.backbone_args.width": 8}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def losses(run: str) -> dict[int, float]:
+    """step → loss from metrics.jsonl (a step logged twice after a restart keeps its last value)."""
+    out = {}
+    for line in storage.read_text(storage.join(run, "metrics.jsonl")).splitlines():
+        m = json.loads(line)
+        out[m["step"]] = m["loss"]
+    return out
+
+
+def test_two_worker_ddp_on_s3_and_load_encoder(ray_cluster, moto_s3, fm_shards):
+    run = moto_s3.bucket("runs") + "/simclr"
+    assert main(["pretrain", CONFIG, *overrides(run, fm_shards, 6, **{"train.ckpt_every": 3}), "--quiet"]) == 0
+    found = ck.list_checkpoints(run)
+    assert [s for s, _ in found] == [3, 6]
+    status = json.loads(storage.read_text(storage.join(run, "status.json")))
+    assert status["state"] == "finished" and status["step"] == 6
+    lines = [json.loads(x) for x in storage.read_text(storage.join(run, "metrics.jsonl")).splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(m["loss"]) and m["samples_per_s"] > 0 and 0 <= m["stall_pct"] <= 100 for m in lines)
+    meta = ck.read_meta(found[-1][1])
+    assert meta["world_size"] == 2 and meta["backbone"] == "convnet_small" and meta["step"] == 6
+    assert meta["data_position"] == {"epoch": 0, "consumed": 12}
+    assert "testing-secret" not in storage.read_text(storage.join(run, "config.yaml"))
+
+    # load_encoder from S3 == the encoder inside the training state
+    from trainers import load_encoder
+    from trainers.config import PretrainConfig
+    from pipeline.config import from_dict
+    from trainers.loop import build_objective
+
+    enc = load_encoder(run)
+    assert enc.selfsup_meta["step"] == 6
+    objective = build_objective(from_dict(PretrainConfig, meta["config"]))
+    objective.load_state_dict(ck.load_torch(storage.join(found[-1][1], ck.STATE))["model"])
+    x = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(enc(x), objective.encoder().eval()(x))
+
+
+def test_resume_gives_the_same_losses(ray_cluster, tmp_path, fm_shards):
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    assert main(["pretrain", CONFIG, *overrides(straight, fm_shards, 8), "--quiet"]) == 0
+    assert main(["pretrain", CONFIG, *overrides(split, fm_shards, 8), "--stop-after", "4", "--quiet"]) == 0
+    assert json.loads(storage.read_text(storage.join(split, "status.json")))["state"] == "stopped"
+    assert [s for s, _ in ck.list_checkpoints(split)] == [4]
+    # without --resume an existing run is refused; with it, it continues at the exact data position
+    assert main(["pretrain", CONFIG, *overrides(split, fm_shards, 8), "--quiet"]) == 2
+    assert main(["pretrain", CONFIG, *overrides(split, fm_shards, 8), "--resume", "--quiet"]) == 0
+    a, b = losses(straight), losses(split)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
+
+
+def _kill_a_train_worker(run: str, at_step: int, done: threading.Event, killed: list) -> None:
+    from ray.util.state import list_actors
+
+    while not done.is_set():
+        try:
+            step = json.loads(storage.read_text(storage.join(run, "status.json"))).get("step", 0)
+        except (OSError, ValueError):
+            step = 0
+        if step >= at_step:
+            workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+                       if "TrainWorker" in a.class_name]
+            if workers:
+                os.kill(workers[-1].pid, signal.SIGKILL)
+                killed.append(workers[-1].pid)
+                return
+        time.sleep(0.3)
+
+
+def test_killed_worker_is_restarted_from_the_last_checkpoint(ray_cluster, tmp_path, fm_shards):
+    run = str(tmp_path / "failing")
+    done, killed = threading.Event(), []
+    watcher = threading.Thread(target=_kill_a_train_worker, args=(run, 6, done, killed), daemon=True)
+    watcher.start()
+    try:
+        code = main(["pretrain", CONFIG, *overrides(run, fm_shards, 14, **{"train.ckpt_every": 4,
+                                                                          "scaling.max_failures": 2}),
+                     "--quiet"])
+    finally:
+        done.set()
+        watcher.join(5)
+    assert killed, "the test never found a train worker to kill"
+    assert code == 0
+    assert json.loads(storage.read_text(storage.join(run, "status.json")))["step"] == 14
+    steps = [json.loads(x)["step"] for x in storage.read_text(storage.join(run, "metrics.jsonl")).splitlines()]
+    assert steps[-1] == 14 and max(steps) == 14
+    assert len(steps) > len(set(steps)), "no step was repeated: the run did not restart from a checkpoint"
+    assert [s for s, _ in ck.list_checkpoints(run)][-1] == 14

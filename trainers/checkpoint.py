@@ -1,0 +1,138 @@
+"""Checkpoints: `<run>/checkpoints/step-NNNNNN/` holding state.pt, encoder.pt and meta.json.
+
+meta.json is written last, after the other files are fully in storage: a checkpoint folder
+without it is incomplete and ignored. Everything is loaded with `weights_only=True`.
+Retention keeps the last K complete checkpoints, the promoted one, and (by default) any that
+evaluation has not marked yet (`evaluated.json` in the checkpoint folder).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import platform
+import re
+import sys
+import time
+from typing import Any, Mapping, Optional
+
+import torch
+
+from pipeline import storage
+
+log = logging.getLogger(__name__)
+CHECKPOINTS = "checkpoints"
+META, STATE, ENCODER, EVALUATED = "meta.json", "state.pt", "encoder.pt", "evaluated.json"
+PROMOTED = "promoted.json"
+_STEP = re.compile(r"^step-(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    """step-000500."""
+    return f"step-{step:06d}"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that decide the bytes of batches and the numerics of the model."""
+    import numpy
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+           "machine": platform.machine()}
+    for name in ("torchvision", "torchaudio", "cv2", "ray", "av", "soundfile"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            out[name] = str(getattr(mod, "__version__", "?"))
+    return out
+
+
+def torch_bytes(obj: Any) -> bytes:
+    """torch.save into memory."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def load_torch(url: str, options: Optional[Mapping[str, Any]] = None, map_location: Any = "cpu") -> Any:
+    """torch.load(weights_only=True) of a file at any storage URL."""
+    return torch.load(io.BytesIO(storage.read_bytes(url, options=options)), map_location=map_location,
+                      weights_only=True)
+
+
+def list_checkpoints(run: str, options: Optional[Mapping[str, Any]] = None,
+                     complete_only: bool = True) -> list[tuple[int, str]]:
+    """(step, URL) of the run's checkpoints, ascending; only complete ones by default."""
+    root = storage.join(run, CHECKPOINTS)
+    if not storage.exists(root, options):
+        return []
+    out = []
+    for url in storage.listdir(root, options):
+        m = _STEP.match(url.rstrip("/").rsplit("/", 1)[-1])
+        if m and (not complete_only or storage.exists(storage.join(url, META), options)):
+            out.append((int(m.group(1)), url.rstrip("/")))
+    return sorted(out)
+
+
+def latest_checkpoint(run: str, options: Optional[Mapping[str, Any]] = None) -> Optional[str]:
+    """The URL of the newest complete checkpoint, or None."""
+    found = list_checkpoints(run, options)
+    return found[-1][1] if found else None
+
+
+def resolve_checkpoint(path: str, options: Optional[Mapping[str, Any]] = None) -> str:
+    """A checkpoint folder URL from a checkpoint folder or a run folder (its latest checkpoint)."""
+    if storage.exists(storage.join(path, META), options):
+        return path.rstrip("/")
+    latest = latest_checkpoint(path, options)
+    if latest is None:
+        raise FileNotFoundError(f"{storage.redact_url(path)} is neither a complete checkpoint (no {META}) "
+                                "nor a run folder with one; train first, or pass checkpoints/step-N")
+    return latest
+
+
+def read_meta(ckpt: str, options: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """A checkpoint's meta.json."""
+    return json.loads(storage.read_text(storage.join(ckpt, META), options))
+
+
+def write_meta(ckpt: str, meta: Mapping[str, Any], options: Optional[Mapping[str, Any]] = None) -> None:
+    """Write meta.json (the last file; it makes the checkpoint complete)."""
+    storage.write_text(storage.join(ckpt, META), json.dumps({**meta, "written": time.time()}, indent=1), options)
+
+
+def promoted_step(run: str, options: Optional[Mapping[str, Any]] = None) -> Optional[int]:
+    """The step the run has promoted, if any."""
+    url = storage.join(run, PROMOTED)
+    if not storage.exists(url, options):
+        return None
+    return int(json.loads(storage.read_text(url, options))["step"])
+
+
+def is_evaluated(ckpt: str, options: Optional[Mapping[str, Any]] = None) -> bool:
+    """Whether evaluation has marked the checkpoint."""
+    return storage.exists(storage.join(ckpt, EVALUATED), options)
+
+
+def prune(run: str, keep: int, keep_unevaluated: bool, options: Optional[Mapping[str, Any]] = None) -> list[str]:
+    """Delete checkpoints outside the retention rule; returns the deleted URLs."""
+    complete = list_checkpoints(run, options)
+    if not complete:
+        return []
+    newest = complete[-1][0]
+    kept = {s for s, _ in complete[-keep:]}
+    promoted = promoted_step(run, options)
+    deleted = []
+    for step, url in list_checkpoints(run, options, complete_only=False):
+        if step in kept or step == promoted or step >= newest:
+            continue
+        if step in dict(complete) and keep_unevaluated and not is_evaluated(url, options):
+            continue
+        storage.delete(url, recursive=True, options=options)
+        deleted.append(url)
+    return deleted
+
+
+def check_versions(meta: Mapping[str, Any]) -> list[str]:
+    """Libraries whose version differs from the checkpoint's (batches or numerics may differ)."""
+    saved = meta.get("versions", {})
+    now = library_versions()
+    return [f"{k} {saved[k]} → {now[k]}" for k in sorted(saved) if k in now and saved[k] != now[k]]

@@ -1,0 +1,134 @@
+"""The pretraining config schema: frozen dataclasses; YAML holds values, `a.b=v` overrides win.
+
+    cfg = load_config(PretrainConfig, "jobs/configs/simclr_image.yaml", ["train.lr=3e-4"])
+
+Components receive plain arguments taken from here, never the config object.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from pipeline.config import ConfigError, to_dict
+
+OPTIMIZERS = ("adamw", "lars")
+FEED_BACKENDS = ("ray", "local", "inline")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One dataset: a shard location (see `selfsup shards ls`), its split, an optional weight."""
+
+    url: str
+    split: str = "pretrain"
+    weight: Optional[float] = None
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What the streams read and how they cut it into micro-batches."""
+
+    sources: list[SourceConfig] = field(default_factory=list)
+    modality: str = "image"
+    modality_args: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 256          # micro-batch per rank
+    mix: int = 4                   # shards mixed in each micro-batch
+    run_length: Optional[int] = None
+    streams: int = 2               # ShardStreams per trainer rank
+    prefetch: int = 2              # requests in flight per stream
+    stream_cpus: float = 0.5
+    stream_resources: dict[str, float] = field(default_factory=dict)
+    backend: str = "ray"           # ray | local | inline
+    on_error: str = "quarantine"   # quarantine | raise
+    mean: Optional[list[float]] = None  # per-channel normalization of uint8 inputs (0-1 scale)
+    std: Optional[list[float]] = None
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """A registry name, its backbone and their arguments."""
+
+    name: str = "simclr"
+    backbone: str = "convnet_small"
+    backbone_args: dict[str, Any] = field(default_factory=dict)
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimization, schedule, logging and checkpoint cadence."""
+
+    steps: int = 1000              # optimizer steps in the whole run
+    lr: float = 1e-3               # peak learning rate (after warmup)
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    optimizer: str = "adamw"       # adamw | lars
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9          # LARS
+    clip_grad: Optional[float] = None
+    accum: int = 1                 # micro-batches per optimizer step
+    seed: int = 0
+    bf16: bool = True              # autocast on GPU (CPU always runs fp32)
+    log_every: int = 10
+    ckpt_every: int = 200
+    keep: int = 3                  # complete checkpoints kept (plus promoted and unevaluated ones)
+    keep_unevaluated: bool = True
+    collapse_threshold: float = 0.05  # warn when the embedding spread falls below this
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """Ray Train's ScalingConfig and FailureConfig, as plain values."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    max_failures: int = 0
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """A whole pretraining run."""
+
+    run: str = "runs/pretrain"     # run folder: a path or URL
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    storage: dict[str, Any] = field(default_factory=dict)  # fsspec options (endpoint_url, region, ...)
+
+
+def validate(cfg: PretrainConfig) -> PretrainConfig:
+    """Checks across fields that types alone cannot express; ConfigError names the key."""
+    checks = [
+        (cfg.data.sources, "data.sources is empty: name at least one shard location"),
+        (cfg.data.batch_size >= 1, f"data.batch_size={cfg.data.batch_size} must be at least 1"),
+        (cfg.data.streams >= 1, f"data.streams={cfg.data.streams} must be at least 1"),
+        (cfg.data.backend in FEED_BACKENDS, f"data.backend={cfg.data.backend!r}; valid: {', '.join(FEED_BACKENDS)}"),
+        (cfg.train.optimizer in OPTIMIZERS, f"train.optimizer={cfg.train.optimizer!r}; valid: {', '.join(OPTIMIZERS)}"),
+        (cfg.train.steps >= 1, f"train.steps={cfg.train.steps} must be at least 1"),
+        (cfg.train.lr > 0, f"train.lr={cfg.train.lr} must be positive"),
+        (cfg.train.accum >= 1, f"train.accum={cfg.train.accum} must be at least 1"),
+        (cfg.train.log_every >= 1, f"train.log_every={cfg.train.log_every} must be at least 1"),
+        (cfg.train.ckpt_every >= 1, f"train.ckpt_every={cfg.train.ckpt_every} must be at least 1"),
+        (cfg.train.keep >= 1, f"train.keep={cfg.train.keep} must be at least 1"),
+        (cfg.train.warmup_steps >= 0, f"train.warmup_steps={cfg.train.warmup_steps} must not be negative"),
+        (cfg.scaling.num_workers >= 1, f"scaling.num_workers={cfg.scaling.num_workers} must be at least 1"),
+        ((cfg.data.mean is None) == (cfg.data.std is None), "give data.mean and data.std together"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    return cfg
+
+
+def config_digest(cfg: PretrainConfig) -> str:
+    """A short id of everything that decides the model (secrets excluded)."""
+    data = to_dict(cfg)
+    data.pop("run", None)
+    return hashlib.blake2b(json.dumps(data, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()

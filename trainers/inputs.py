@@ -1,0 +1,62 @@
+"""Micro-batches (numpy, from BatchFeed) → model inputs on the device.
+
+uint8 media travel as uint8 and become float on the device: images [B, H, W, C] →
+[B, C, H, W], video [B, T, H, W, C] → [B, C, T, H, W], scaled to [0, 1] then normalized per
+channel. Audio arrives as float already (log-mel or waveform). Masks stay bool.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+MEDIA_FIELDS = ("view1", "view2", "image", "video", "spec", "wave")
+INDEX_FIELDS = ("length", "label")
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+GRAY = ((0.5,), (0.25,))
+
+
+def default_norm(channels: int) -> tuple[Sequence[float], Sequence[float]]:
+    """ImageNet statistics for RGB, a neutral (0.5, 0.25) for one channel."""
+    return IMAGENET if channels == 3 else (GRAY[0] * channels, GRAY[1] * channels)
+
+
+def to_channels_first(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, W, C] → [B, C, H, W]; [B, T, H, W, C] → [B, C, T, H, W]."""
+    if x.ndim == 4:
+        return x.permute(0, 3, 1, 2)
+    if x.ndim == 5:
+        return x.permute(0, 4, 1, 2, 3)
+    raise ValueError(f"uint8 media must be [B, H, W, C] or [B, T, H, W, C], got shape {tuple(x.shape)}")
+
+
+def normalize_uint8(x: torch.Tensor, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]) -> torch.Tensor:
+    """uint8 channels-last media → float channels-first, scaled and normalized."""
+    x = to_channels_first(x).float().div_(255.0)
+    c = x.shape[1]
+    if mean is None or std is None:
+        mean, std = default_norm(c)
+    if len(mean) != c or len(std) != c:
+        raise ValueError(f"data.mean/std have {len(mean)}/{len(std)} values but the media have {c} channels")
+    shape = (1, c) + (1,) * (x.ndim - 2)
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(shape)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(shape)
+    return (x - m) / s
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device, mean: Optional[Sequence[float]] = None,
+              std: Optional[Sequence[float]] = None) -> dict[str, torch.Tensor]:
+    """The tensors an objective reads, on `device`; bookkeeping fields (keys, shards) stay behind."""
+    out: dict[str, torch.Tensor] = {}
+    for name, value in batch.items():
+        if not isinstance(value, np.ndarray) or value.dtype.kind in "US":
+            continue
+        if name in MEDIA_FIELDS:
+            t = torch.from_numpy(value).to(device, non_blocking=True)
+            out[name] = normalize_uint8(t, mean, std) if value.dtype == np.uint8 else t.float()
+        elif name == "mask":
+            out[name] = torch.from_numpy(value).to(device)
+        elif name in INDEX_FIELDS or name == "valid":
+            out[name] = torch.from_numpy(value).to(device)
+    return out

@@ -1,0 +1,252 @@
+"""The pretraining loop: `train_loop_per_worker(config)` for Ray Train's TorchTrainer.
+
+Batches come from BatchFeed (never a torch DataLoader). Each optimizer step takes `accum`
+micro-batches; the learning rate is a pure function of the step, and the torch RNG is reseeded
+from (seed, step, rank) every step, so a resumed run repeats the uninterrupted one exactly.
+`run_training(cfg, rank, world, reporter)` is the same loop without Ray (the local reporter
+writes checkpoints straight to storage), for single machines and GPU checks.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import time
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+
+from pipeline import storage
+from pipeline.batch import FeedSpec
+from pipeline.config import from_dict, to_dict
+from pipeline.feed import BatchFeed
+from pipeline.seeding import stable_hash
+from pipeline.snapshot import load_snapshot
+from trainers import checkpoint as ck
+from trainers.config import PretrainConfig, config_digest
+from trainers.inputs import to_device
+from trainers.objectives import make_objective
+from trainers.optim import build_optimizer, lr_at, set_lr
+from trainers.reporting import LocalReporter, RayReporter, Reporter
+
+log = logging.getLogger(__name__)
+
+
+def train_loop_per_worker(config: Mapping[str, Any]) -> None:
+    """Ray Train entry: config = {"cfg": PretrainConfig as a dict, "resume_from": URL or None}."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    cfg = from_dict(PretrainConfig, config["cfg"])
+    reporter = RayReporter(cfg.run, cfg.storage or None)
+    run_training(cfg, ctx.get_world_rank(), ctx.get_world_size(), reporter, config.get("resume_from"),
+                 config.get("stop_after"))
+
+
+def build_objective(cfg: PretrainConfig) -> nn.Module:
+    """The objective with its backbone, initialized from the run's seed."""
+    torch.manual_seed(cfg.train.seed)
+    o = cfg.objective
+    return make_objective(o.name, modality=cfg.data.modality, backbone=o.backbone,
+                          backbone_args=dict(o.backbone_args), **dict(o.args))
+
+
+def feed_spec(cfg: PretrainConfig, objective: nn.Module) -> FeedSpec:
+    """What the streams make for this run: the snapshot, plan parameters, modality and masks."""
+    d = cfg.data
+    return FeedSpec(load_snapshot(cfg.run, cfg.storage or None), d.batch_size, dict(d.modality_args),
+                    seed=cfg.train.seed, train=True, mix=d.mix, run_length=d.run_length,
+                    mask=objective.mask_spec(), on_error=d.on_error, storage_options=cfg.storage or None)
+
+
+def wrap_model(objective: nn.Module, world: int, in_ray: bool) -> tuple[nn.Module, torch.device]:
+    """DDP through Ray's prepare_model on 2+ workers; plain module otherwise."""
+    if in_ray:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+        if world > 1:
+            return ray.train.torch.prepare_model(objective), device
+        return objective.to(device), device
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return objective.to(device), device
+
+
+def run_training(cfg: PretrainConfig, rank: int, world: int, reporter: Reporter,
+                 resume_from: Optional[str] = None, stop_after: Optional[int] = None) -> dict[str, Any]:
+    """Train to cfg.train.steps (or stop, checkpointed, at `stop_after`) from scratch or a checkpoint."""
+    opts = cfg.storage or None
+    objective = build_objective(cfg)
+    model, device = wrap_model(objective, world, isinstance(reporter, RayReporter))
+    core: nn.Module = getattr(model, "module", model)
+    t = cfg.train
+    optimizer = build_optimizer(t.optimizer, core.param_groups(t.weight_decay), t.lr, t.weight_decay,
+                                tuple(t.betas), t.momentum)
+    feed = BatchFeed(feed_spec(cfg, core), rank, world, cfg.data.streams, cfg.data.prefetch, cfg.data.backend,
+                     cfg.data.stream_cpus, cfg.data.stream_resources or None,
+                     quarantine_url=storage.join(cfg.run, "quarantine.jsonl") if rank == 0 else None)
+    step = restore(reporter.restore_point() or resume_from, core, optimizer, feed, opts, rank)
+    try:
+        until = min(cfg.train.steps, stop_after) if stop_after else cfg.train.steps
+        return _steps(cfg, rank, world, model, core, optimizer, feed, device, reporter, step, until)
+    finally:
+        feed.close()
+
+
+def restore(ckpt: Optional[str], core: nn.Module, optimizer: torch.optim.Optimizer, feed: BatchFeed,
+            opts: Optional[Mapping[str, Any]], rank: int) -> int:
+    """Load full state from a complete checkpoint; returns the step to continue from (0 if none)."""
+    if not ckpt:
+        return 0
+    meta = ck.read_meta(ckpt, opts)
+    if rank == 0:
+        changed = ck.check_versions(meta)
+        if changed:
+            log.warning("resuming %s with different library versions (%s): batches or numerics may differ",
+                        storage.redact_url(ckpt), ", ".join(changed))
+    state = ck.load_torch(storage.join(ckpt, ck.STATE), opts)
+    core.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    feed.load_state_dict(state["feed"])
+    log.info("rank %d resumed from %s at step %d, data position %s", rank, storage.redact_url(ckpt),
+             state["step"], state["feed"])
+    return int(state["step"])
+
+
+def _autocast(device: torch.device, bf16: bool) -> Any:
+    if device.type == "cuda" and bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _micro_step(model: nn.Module, batch: Mapping[str, Any], device: torch.device, cfg: PretrainConfig,
+                sync: bool) -> Any:
+    """Forward and backward of one micro-batch (gradient sync only on the last of an accumulation)."""
+    inputs = to_device(batch, device, cfg.data.mean, cfg.data.std)
+    no_sync = getattr(model, "no_sync", None)
+    ctx = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
+    with ctx:
+        with _autocast(device, cfg.train.bf16):
+            out = model(inputs)
+        (out.loss / cfg.train.accum).backward()
+    return out
+
+
+def _steps(cfg: PretrainConfig, rank: int, world: int, model: nn.Module, core: nn.Module,
+           optimizer: torch.optim.Optimizer, feed: BatchFeed, device: torch.device, reporter: Reporter,
+           step: int, until: int) -> dict[str, Any]:
+    t = cfg.train
+    window = _Window(feed)
+    last: dict[str, Any] = {}
+    while step < until:
+        torch.manual_seed(stable_hash(t.seed, "step", step, rank) % (2**63))
+        set_lr(optimizer, lr_at(step, t.steps, t.lr, t.warmup_steps, t.min_lr))
+        for i in range(t.accum):
+            out = _micro_step(model, feed.next(), device, cfg, sync=i == t.accum - 1)
+            window.add(out, cfg.data.batch_size * world)
+        if t.clip_grad:
+            nn.utils.clip_grad_norm_(core.parameters(), t.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        core.after_step(step + 1, t.steps)
+        step += 1
+        ckpt_now = step % t.ckpt_every == 0 or step == until
+        if step % t.log_every == 0 or ckpt_now:
+            last = window.metrics(step, optimizer.param_groups[0]["lr"], world, t.collapse_threshold)
+            if rank == 0:
+                _log_metrics(cfg, last)
+        if ckpt_now:
+            _checkpoint(cfg, rank, world, core, optimizer, feed, step, reporter, last)
+        elif step % t.log_every == 0:
+            reporter.report(last, None, step)
+    return last
+
+
+class _Window:
+    """Loss, throughput, stall and embedding spread since the last log line."""
+
+    def __init__(self, feed: BatchFeed) -> None:
+        self.feed = feed
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0, self.wait0 = time.perf_counter(), self.feed.wait_s
+        self.losses: list[float] = []
+        self.samples, self.spread, self.extra = 0, float("nan"), {}
+
+    def add(self, out: Any, samples: int) -> None:
+        self.losses.append(float(out.loss.detach()))
+        self.samples += samples
+        self.extra = dict(out.metrics or {})
+        if out.embedding is not None and out.embedding.shape[0] > 1:
+            z = nn.functional.normalize(out.embedding.float(), dim=1)  # [B, D]
+            self.spread = float(z.std(dim=0).mean()) * z.shape[1] ** 0.5  # 1 ≈ isotropic, 0 = collapsed
+
+    def metrics(self, step: int, lr: float, world: int, threshold: float) -> dict[str, Any]:
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        loss = torch.tensor(sum(self.losses) / max(1, len(self.losses)))
+        if world > 1 and torch.distributed.is_initialized():
+            loss = loss.to(_dist_device())
+            torch.distributed.all_reduce(loss)
+            loss = loss.cpu() / world
+        m = {"step": step, "loss": float(loss), "lr": lr, "samples_per_s": self.samples / elapsed,
+             "stall_pct": 100.0 * (self.feed.wait_s - self.wait0) / elapsed, "emb_spread": self.spread,
+             "epoch": self.feed.epoch, "time": time.time(), **{k: float(v) for k, v in self.extra.items()}}
+        if self.spread == self.spread and self.spread < threshold:
+            m["warning"] = (f"embedding spread {self.spread:.3f} < {threshold}: the representation may be "
+                            "collapsing (lower the lr, raise the temperature, or check the augmentations)")
+            log.warning(m["warning"])
+        self.reset()
+        return m
+
+
+def _dist_device() -> torch.device:
+    backend = torch.distributed.get_backend()
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def _log_metrics(cfg: PretrainConfig, m: Mapping[str, Any]) -> None:
+    opts = cfg.storage or None
+    storage.append_line(storage.join(cfg.run, "metrics.jsonl"), json.dumps(m), opts)
+    status = {"state": "running", "step": m["step"], "steps": cfg.train.steps, "loss": m["loss"],
+              "samples_per_s": m["samples_per_s"], "stall_pct": m["stall_pct"], "updated": time.time()}
+    if "warning" in m:
+        status["warning"] = m["warning"]
+    storage.write_text(storage.join(cfg.run, "status.json"), json.dumps(status), opts)
+
+
+def _checkpoint(cfg: PretrainConfig, rank: int, world: int, core: nn.Module, optimizer: torch.optim.Optimizer,
+                feed: BatchFeed, step: int, reporter: Reporter, metrics: Mapping[str, Any]) -> None:
+    """Rank 0 writes state.pt and encoder.pt, reports them, then writes meta.json and prunes."""
+    with tempfile.TemporaryDirectory(prefix="selfsup-ckpt-") as tmp:
+        local = None
+        if rank == 0:
+            state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                     "feed": feed.state_dict(), "world": world}
+            torch.save(state, os.path.join(tmp, ck.STATE))
+            torch.save(core.encoder().state_dict(), os.path.join(tmp, ck.ENCODER))
+            local = tmp
+        reporter.report(dict(metrics), local, step)
+    if rank != 0:
+        return
+    url = storage.join(cfg.run, ck.CHECKPOINTS, ck.step_dir_name(step))
+    ck.write_meta(url, checkpoint_meta(cfg, core, step, world, feed.state_dict()), cfg.storage or None)
+    deleted = ck.prune(cfg.run, cfg.train.keep, cfg.train.keep_unevaluated, cfg.storage or None)
+    for d in deleted:
+        log.info("retention: deleted %s", storage.redact_url(d))
+
+
+def checkpoint_meta(cfg: PretrainConfig, core: nn.Module, step: int, world: int,
+                    position: Mapping[str, int]) -> dict[str, Any]:
+    """meta.json: how to rebuild the encoder and what produced it."""
+    return {"step": step, **core.encoder_spec(), "objective": cfg.objective.name,
+            "objective_args": dict(cfg.objective.args), "modality": cfg.data.modality,
+            "modality_args": dict(cfg.data.modality_args), "mean": cfg.data.mean, "std": cfg.data.std,
+            "config_digest": config_digest(cfg), "versions": ck.library_versions(), "world_size": world,
+            "data_position": dict(position), "config": to_dict(cfg)}
+
+
+__all__ = ["LocalReporter", "RayReporter", "run_training", "train_loop_per_worker"]
