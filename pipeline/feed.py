@@ -61,7 +61,7 @@ class BatchFeed:
         self._pending: collections.deque[_Request] = collections.deque()
         self._sent = 0
         self.wait_s, self.batches, self.last_wait_s = 0.0, 0, 0.0
-        self.restarts = 0
+        self.restarts, self.quarantined = 0, 0
         self._workers: list[Any] = []
         self._pool: Optional[ProcessPoolExecutor] = None
         self._inline: Optional[BatchMaker] = None
@@ -134,6 +134,7 @@ class BatchFeed:
         self._pending.popleft()
         self.epoch, self.consumed = req.epoch, req.consumed_after
         if batch.get("quarantine"):
+            self.quarantined += len(batch["quarantine"])
             self._record_quarantine(batch["quarantine"])
         return batch
 
@@ -262,9 +263,9 @@ class BatchFeed:
                                     self.spec.storage_options)
 
     def stats(self) -> dict[str, float]:
-        """Data stall so far: seconds waited, batches taken, the last wait, stream restarts."""
+        """Data stall so far: seconds waited, batches taken, the last wait, stream restarts, quarantined."""
         return {"wait_s": self.wait_s, "batches": self.batches, "last_wait_s": self.last_wait_s,
-                "restarts": self.restarts}
+                "restarts": self.restarts, "quarantined": self.quarantined}
 
 
 _LOCAL_MAKER: Optional[BatchMaker] = None

@@ -212,7 +212,8 @@ def _log_metrics(cfg: PretrainConfig, m: Mapping[str, Any]) -> None:
     opts = cfg.storage or None
     storage.append_line(storage.join(cfg.run, "metrics.jsonl"), json.dumps(m), opts)
     status = {"state": "running", "step": m["step"], "steps": cfg.train.steps, "loss": m["loss"],
-              "samples_per_s": m["samples_per_s"], "stall_pct": m["stall_pct"], "updated": time.time()}
+              "samples_per_s": m["samples_per_s"], "stall_pct": m["stall_pct"], "updated": time.time(),
+              "pid": os.getpid(), "host": os.uname().nodename}
     if "warning" in m:
         status["warning"] = m["warning"]
     storage.write_text(storage.join(cfg.run, "status.json"), json.dumps(status), opts)

@@ -237,7 +237,7 @@ def test_bad_samples_are_quarantined_flagged_listed_and_change_no_step(bad_image
         for slot in np.flatnonzero(b["quarantined"]):
             flagged[str(b["key"][slot])] = (i, int(b["position"][slot]))
             # the slot holds a copy of another, good sample of the same micro-batch
-            assert any(np.array_equal(b["view1"][slot], b["view1"][j]) and np.array_equal(b["view2"][slot], b["view2"][j])
+            assert any(all(np.array_equal(b[a][slot], b[a][j]) for a in ARRAYS)
                        for j in np.flatnonzero(~b["quarantined"]))
         records += b["quarantine"]
     assert set(flagged) == set(bad)  # flagged and counted: exactly the two bad samples

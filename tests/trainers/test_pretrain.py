@@ -93,21 +93,17 @@ def test_resume_gives_the_same_losses(ray_cluster, tmp_path, fm_shards):
 
 
 def _kill_a_train_worker(run: str, at_step: int, done: threading.Event, killed: list) -> None:
-    from ray.util.state import list_actors
-
+    """SIGKILL rank 0's process (status.json names it) once the run passes `at_step`."""
     while not done.is_set():
         try:
-            step = json.loads(storage.read_text(storage.join(run, "status.json"))).get("step", 0)
+            status = json.loads(storage.read_text(storage.join(run, "status.json")))
         except (OSError, ValueError):
-            step = 0
-        if step >= at_step:
-            workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
-                       if "TrainWorker" in a.class_name]
-            if workers:
-                os.kill(workers[-1].pid, signal.SIGKILL)
-                killed.append(workers[-1].pid)
-                return
-        time.sleep(0.3)
+            status = {}
+        if status.get("step", 0) >= at_step and status.get("pid"):
+            os.kill(status["pid"], signal.SIGKILL)
+            killed.append(status["pid"])
+            return
+        time.sleep(0.2)
 
 
 def test_killed_worker_is_restarted_from_the_last_checkpoint(ray_cluster, tmp_path, fm_shards):

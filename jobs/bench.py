@@ -1,0 +1,365 @@
+"""`selfsup bench pipeline`: samples/s of the ShardStream pipeline against common loaders, same data and work.
+
+Variants, all on the same shards of real data with the modality's train recipe (two views), one
+OpenCV and one torch thread per process:
+
+- `kernel`: decode + views (`BatchMaker.sample`) in a plain loop in this process. The sample
+  bytes are read from the shards before the clock starts, so this is one core's compute ceiling.
+- `selfsup`: N ShardStream actors (1 CPU each) + a BatchFeed on a local Ray instance, one epoch.
+  The clock starts once the streams are up (in training they live for the whole run).
+- `dataloader`: torch DataLoader(num_workers=N) over a webdataset pipeline (shard list → split by
+  worker → tar samples) calling the modality's own decode and views.
+- `ray_data`: ray.data.read_webdataset (raw bytes) → map_batches(the same code) → iter_batches.
+- `torchvision_default`: DataLoader(num_workers=N) with the recipe written the common way on
+  tensors (see jobs/bench_loaders.py): image: torchvision decode_image + transforms.v2; audio:
+  soundfile + torchaudio, a mel per view and F.interpolate crops; video: PyAV decodes every frame
+  of the clip's span at full size (as torchvision.io.read_video), then transforms.v2 on the clip.
+
+Each figure is the median samples/s of --repeats runs, the variants alternating. Ratios:
+efficiency = selfsup / (N · kernel); vs_X = selfsup / X. stall_pct is the share of the selfsup
+run the consumer spent waiting in BatchFeed.next(); the consumer here does nothing else, so it is
+near 100% by construction and what is left is the feed's own per-batch cost in the trainer.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from jobs.data import find_dataset, missing_line
+
+VARIANTS = ("kernel", "selfsup", "dataloader", "ray_data", "torchvision_default")
+SHARDS = 16  # shards per benchmark dataset (rounded up to a multiple of the streams)
+# the floors `selfsup` must clear on images (the acceptance figures of the pipeline)
+FLOORS = {"image": {"efficiency": 0.85, "vs_dataloader": 1.0, "vs_ray_data": 1.5, "vs_torchvision_default": 5.0}}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Per-modality defaults: which dataset, how many samples, batch size and view size."""
+
+    dataset: str
+    samples: int
+    batch_size: int
+    size: Optional[int]
+
+
+SETUPS = {"image": Setup("photos", 1024, 32, 224), "audio": Setup("fsdd", 4096, 64, None),
+          "video": Setup("video", 64, 4, 112)}
+
+
+def add_parser(sub: Any) -> None:
+    """Register `selfsup bench pipeline`."""
+    p = sub.add_parser("bench", help="measure the data pipeline against common loaders",
+                       description="Benchmarks; they print ratios, which travel between machines.")
+    bsub = p.add_subparsers(dest="bench_command", metavar="ACTION", required=True)
+    b = bsub.add_parser(
+        "pipeline", help="samples/s of ShardStreams vs DataLoader, Ray Data and torchvision defaults",
+        description=(__doc__ or "").split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("--modality", required=True, choices=sorted(SETUPS))
+    b.add_argument("--streams", type=int, default=2, help="streams / DataLoader workers / Ray CPUs (default 2)")
+    b.add_argument("--samples", type=int, help="samples per epoch (default: image 1024, audio 4096, video 64; "
+                                               "the source files are repeated when there are fewer)")
+    b.add_argument("--batch-size", type=int, help="default: image 32, audio 64, video 4")
+    b.add_argument("--size", type=int, help="view side in pixels (default: image 224, video 112; not audio)")
+    b.add_argument("--recipe", choices=["simclr", "byol"], default="simclr", help="image views (default simclr)")
+    b.add_argument("--repeats", type=int, default=3, help="runs per variant; figures are medians (default 3)")
+    b.add_argument("--prefetch", type=int, default=2, help="BatchFeed requests in flight per stream (default 2)")
+    b.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    b.add_argument("--data", help="the source folder itself, or a folder holding it "
+                                  "(default: $SELFSUP_DATA, /usr/share/datasets, ../shared/datasets)")
+    b.add_argument("--workdir", help="shards cache and Ray temp dir (default runs/bench/MODALITY)")
+    b.add_argument("--json", action="store_true", help="print one JSON object on stdout (table goes to stderr)")
+    b.add_argument("--check", action="store_true", help="exit 1 when a floor is missed")
+    b.set_defaults(run=run)
+
+
+def log(msg: str) -> None:
+    """Progress and tables go to stderr, so --json leaves stdout clean."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- data
+
+
+def stage_sources(src: Path, stage: Path, modality: str, copies: int) -> Path:
+    """A folder of `copies` sub-folders linking every media file of `src` (videos re-encoded once)."""
+    from pipeline.sources import EXTENSIONS
+
+    files = sorted(p for p in src.iterdir() if p.suffix.lower().lstrip(".") in EXTENSIONS[modality])
+    if not files:
+        raise FileNotFoundError(f"{src} holds no {modality} files ({'/'.join(EXTENSIONS[modality])})")
+    if modality == "video":
+        files = [reencoded(f, stage.parent / "mp4") for f in files]
+    root = stage / f"x{copies}"
+    for c in range(copies):
+        (root / f"c{c}").mkdir(parents=True, exist_ok=True)
+        for f in files:
+            link = root / f"c{c}" / f.name
+            if not link.exists():
+                link.symlink_to(f.resolve())
+    return root
+
+
+def reencoded(path: Path, folder: Path) -> Path:
+    """`path` as constant-rate H.264 MP4 with short GOPs (what `shards write --reencode` makes), cached."""
+    from pipeline.modalities.video import reencode_mp4
+
+    out = folder / (path.stem + ".mp4")
+    if not out.exists():
+        log(f"re-encoding {path.name} (once) ...")
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".part")
+        tmp.write_bytes(reencode_mp4(path.read_bytes()))
+        tmp.rename(out)
+    return out
+
+
+def count_media(src: Path, modality: str) -> int:
+    """Media files of `modality` directly in `src`."""
+    from pipeline.sources import EXTENSIONS
+
+    return sum(1 for p in src.iterdir() if p.suffix.lower().lstrip(".") in EXTENSIONS[modality])
+
+
+def prepare_shards(modality: str, src: Path, workdir: Path, samples: int, shards: int) -> str:
+    """Write (once) `samples` samples of `src` into `shards` equal shards under workdir; returns the URL."""
+    from jobs.cli import main
+
+    per_shard = max(1, samples // shards)
+    total = per_shard * min(shards, samples)
+    copies = math.ceil(total / count_media(src, modality))
+    tag = hashlib.blake2b(f"{src.resolve()}|{total}|{per_shard}".encode(), digest_size=4).hexdigest()
+    dest = workdir / f"shards-{total}x{per_shard}-{tag}"
+    stage = stage_sources(src, workdir / "sources", modality, copies)
+    with contextlib.redirect_stdout(sys.stderr):
+        code = main(["shards", "write", str(stage), str(dest), "--modality", modality, "--source-type", "folder",
+                     "--limit", str(total), "--samples-per-shard", str(per_shard), "--quiet",
+                     "--workers", str(min(4, os.cpu_count() or 1))])
+    if code:
+        raise ValueError(f"writing the benchmark shards into {dest} failed (exit {code})")
+    return str(dest)
+
+
+def source_folder(modality: str, data: Optional[str]) -> Path:
+    """The real-data folder for `modality`: --data itself, or the dataset found by jobs.data."""
+    if data and Path(data).is_dir() and count_media(Path(data), modality):
+        return Path(data)
+    found = find_dataset(SETUPS[modality].dataset, data)
+    if found is None:
+        raise FileNotFoundError(missing_line(SETUPS[modality].dataset, data))
+    return found
+
+
+# ---------------------------------------------------------------- variants
+
+
+def modality_args(modality: str, size: Optional[int], recipe: str) -> dict[str, Any]:
+    """The modality's keyword arguments for the benchmark (its train recipe, two views)."""
+    if modality == "image":
+        return {"size": size, "recipe": recipe}
+    if modality == "video":
+        return {"size": size, "output": "two"}
+    return {"output": "logmel"}
+
+
+def run_kernel(spec: Any) -> tuple[int, float, dict[str, float]]:
+    """decode + views of every sample in this process; bytes are read before the clock starts."""
+    from pipeline.batch import BatchMaker
+
+    maker = BatchMaker(spec)
+    rows = [(s, key, members) for s, ref in enumerate(spec.snapshot.shards)
+            for key, members in maker.read(s, 0, ref.n_samples)]
+    t0 = time.perf_counter()
+    for slot, (shard, key, members) in enumerate(rows):
+        maker.sample(0, shard, key, members, slot)
+    return len(rows), time.perf_counter() - t0, {}
+
+
+def run_selfsup(spec: Any, streams: int, prefetch: int) -> tuple[int, float, dict[str, float]]:
+    """One epoch through BatchFeed over `streams` ShardStream actors; the clock starts when they are up."""
+    import ray
+
+    from pipeline.feed import BatchFeed
+
+    wait_cpus_free(streams)
+    feed = BatchFeed(spec, streams=streams, prefetch=prefetch, backend="ray", stream_cpus=1.0)
+    try:
+        ray.get([h.pid.remote() for h in feed.stream_handles()])
+        steps, n = feed.steps_per_epoch(), 0
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            n += int(feed.next()["valid"].sum())
+        elapsed = time.perf_counter() - t0
+        return n, elapsed, {"stall_pct": 100.0 * feed.wait_s / elapsed}
+    finally:
+        feed.close()
+
+
+def wait_cpus_free(cpus: int, timeout: float = 20.0) -> None:
+    """Wait until actors killed by the previous run have given their CPUs back to Ray."""
+    import ray
+
+    deadline = time.time() + timeout
+    while ray.available_resources().get("CPU", 0) < cpus and time.time() < deadline:
+        time.sleep(0.05)
+
+
+def start_ray(workdir: Path, cpus: int) -> None:
+    """A local Ray instance on 127.0.0.1 with `cpus` CPUs; temp files under the workdir (short path)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Ray starts workers at nice 15; at that weight they lose the CPU to any other busy process,
+    # while the DataLoader variants run at 0. Equal footing: the streams run at nice 0 too.
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    import ray
+
+    temp = (workdir / "ray").resolve()
+    if len(str(temp)) > 60:  # Unix socket paths under it must stay below 108 characters
+        temp = Path(tempfile.mkdtemp(prefix="selfsup-ray-"))
+    temp.mkdir(parents=True, exist_ok=True)
+    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=str(temp),
+             log_to_driver=False, configure_logging=False)
+
+
+def variant_runners(args: argparse.Namespace, spec: Any, paths: list[str]) -> dict[str, Callable[[], tuple]]:
+    """name → a function making one timed run: (samples, seconds, extra figures)."""
+    from jobs import bench_loaders as L
+
+    mod_args = dict(spec.modality_args)
+    transform = L.ModalityTransform(spec.snapshot.modality, mod_args, spec.seed)
+    default = L.default_transform(spec.snapshot.modality, mod_args)
+    B, N = spec.batch_size, args.streams
+
+    def ray_data() -> tuple:
+        wait_cpus_free(N)
+        return (*L.ray_data_run(paths, transform, B), {})
+
+    return {
+        "kernel": lambda: run_kernel(spec),
+        "selfsup": lambda: run_selfsup(spec, N, args.prefetch),
+        "dataloader": lambda: (*L.time_loader(L.wds_loader(paths, transform, B, N)), {}),
+        "ray_data": ray_data,
+        "torchvision_default": (lambda: (*L.time_loader(L.wds_loader(paths, default, B, N)), {}))
+        if default else None,  # type: ignore[dict-item]
+    }
+
+
+# ---------------------------------------------------------------- report
+
+
+def summarize(args: argparse.Namespace, rates: dict[str, list[float]], extras: dict[str, list[dict]],
+              samples: int, size: Optional[int], batch_size: int) -> dict[str, Any]:
+    """Medians, ratios and floors as one JSON-ready dict."""
+    fig = {v: (statistics.median(rates[v]) if rates.get(v) else None) for v in VARIANTS}
+    N, s = args.streams, fig["selfsup"]
+    out: dict[str, Any] = {"modality": args.modality, "streams": N, "samples": samples, "size": size,
+                           "batch_size": batch_size, "repeats": args.repeats, **fig}
+    out["efficiency"] = s / (N * fig["kernel"]) if s and fig["kernel"] else None
+    for v in ("dataloader", "ray_data", "torchvision_default"):
+        out[f"vs_{v}"] = s / fig[v] if s and fig[v] else None
+    stalls = [e["stall_pct"] for e in extras.get("selfsup", []) if "stall_pct" in e]
+    out["stall_pct"] = statistics.median(stalls) if stalls else None
+    floors = {}
+    for key, floor in FLOORS.get(args.modality, {}).items():
+        value = out.get(key)
+        floors[key] = {"floor": floor, "value": value, "pass": None if value is None else value >= floor}
+    out["floors"] = floors
+    out["pass"] = all(f["pass"] for f in floors.values()) if floors else None
+    out["runs"] = {v: [round(r, 2) for r in rs] for v, rs in rates.items()}
+    out["cpus"] = os.cpu_count()
+    if args.modality == "image":
+        out["recipe"] = args.recipe
+    return out
+
+
+def table(result: dict[str, Any]) -> str:
+    """A readable summary of `summarize`'s result."""
+    N = result["streams"]
+    label = {"kernel": "kernel (1 process, no I/O)", "selfsup": f"selfsup ({N} streams, Ray)",
+             "dataloader": f"webdataset + DataLoader ({N})", "ray_data": f"Ray Data ({N} CPUs)",
+             "torchvision_default": f"torchvision default ({N})"}
+    lines = [f"{result['modality']}: {result['samples']} samples, batch {result['batch_size']}"
+             + (f", {result['size']} px" if result["size"] else "") + f", median of {result['repeats']}",
+             f"{'variant':<32}{'samples/s':>11}{'selfsup ×':>11}"]
+    for v in VARIANTS:
+        x = result[v]
+        ratio = "" if v == "selfsup" or not x or not result["selfsup"] else f"{result['selfsup'] / x:.2f}"
+        lines.append(f"{label[v]:<32}{('%.1f' % x) if x else 'n/a':>11}{ratio:>11}")
+    if result["efficiency"] is not None:
+        lines.append(f"efficiency selfsup/(N·kernel) = {result['efficiency']:.2f}")
+    if result["stall_pct"] is not None:
+        lines.append(f"BatchFeed stall (consumer idle) = {result['stall_pct']:.1f}%")
+    for key, f in result["floors"].items():
+        verdict = "n/a" if f["pass"] is None else ("PASS" if f["pass"] else "FAIL")
+        value = "n/a" if f["value"] is None else f"{f['value']:.2f}"
+        lines.append(f"  {key:<24} {value:>7} ≥ {f['floor']:<5} {verdict}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`selfsup bench pipeline`."""
+    wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(wanted) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; valid: {', '.join(VARIANTS)}")
+    if args.streams < 1 or args.repeats < 1 or args.prefetch < 1:
+        raise ValueError("--streams, --repeats and --prefetch must be at least 1")
+    setup = SETUPS[args.modality]
+    size = None if args.modality == "audio" else (args.size or setup.size)
+    batch_size = args.batch_size or setup.batch_size
+    samples = args.samples or setup.samples
+    if samples < batch_size:
+        raise ValueError(f"--samples {samples} must be at least --batch-size {batch_size}")
+    workdir = Path(args.workdir or f"runs/bench/{args.modality}")
+    shards = args.streams * math.ceil(SHARDS / args.streams)
+
+    import cv2
+    import torch
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    from pipeline import storage
+    from pipeline.batch import FeedSpec
+    from pipeline.snapshot import SourceSpec, build_snapshot
+
+    url = prepare_shards(args.modality, source_folder(args.modality, args.data), workdir, samples, shards)
+    snapshot = build_snapshot([SourceSpec(url)], args.modality)
+    spec = FeedSpec(snapshot, batch_size, modality_args(args.modality, size, args.recipe))
+    paths = [storage.local_path(s.url) for s in snapshot.shards]
+    log(f"bench pipeline: {args.modality}, {snapshot.n_samples} samples in {len(paths)} shards, "
+        f"{args.streams} streams, {args.repeats} repeats")
+    if {"selfsup", "ray_data"} & set(wanted):
+        start_ray(workdir, args.streams)
+    runners = variant_runners(args, spec, paths)
+    rates: dict[str, list[float]] = {}
+    extras: dict[str, list[dict]] = {}
+    order = [v for v in VARIANTS if v in wanted and runners.get(v)]
+    try:
+        for r in range(args.repeats):
+            for i, v in enumerate(order):
+                n, seconds, extra = runners[v]()
+                rates.setdefault(v, []).append(n / seconds)
+                extras.setdefault(v, []).append(extra)
+                log(f"[{r * len(order) + i + 1}/{args.repeats * len(order)}] {v:<20} {n / seconds:9.1f} samples/s "
+                    f"({n} in {seconds:.2f} s)" + "".join(f", {k} {x:.1f}" for k, x in extra.items()))
+    finally:
+        if {"selfsup", "ray_data"} & set(wanted):
+            import ray
+
+            ray.shutdown()
+    result = summarize(args, rates, extras, snapshot.n_samples, size, batch_size)
+    log(table(result))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 1 if args.check and result["pass"] is False else 0
