@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from trainers.config import PretrainConfig, validate
 
     cfg = validate(load_config(PretrainConfig, args.config, args.overrides))
+    cfg = dataclasses.replace(cfg, run=storage.full_url(cfg.run))  # workers run in other folders
     if args.no_ray:
         cfg = dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, num_workers=1),
                                   data=dataclasses.replace(cfg.data, backend="local" if cfg.data.backend == "ray"

@@ -55,10 +55,13 @@ def parse_override(item: str) -> dict[str, Any]:
 
 
 def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    """Recursive merge: mappings merge key by key, everything else is replaced."""
+    """Recursive merge: mappings merge key by key, everything else is replaced.
+
+    An empty mapping replaces too, so `objective.backbone_args={}` clears the YAML's arguments.
+    """
     out = dict(base)
     for k, v in update.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+        if isinstance(v, Mapping) and v and isinstance(out.get(k), Mapping):
             out[k] = merge(out[k], v)
         else:
             out[k] = v

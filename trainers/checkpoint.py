@@ -54,8 +54,12 @@ def torch_bytes(obj: Any) -> bytes:
 
 def load_torch(url: str, options: Optional[Mapping[str, Any]] = None, map_location: Any = "cpu") -> Any:
     """torch.load(weights_only=True) of a file at any storage URL."""
-    return torch.load(io.BytesIO(storage.read_bytes(url, options=options)), map_location=map_location,
-                      weights_only=True)
+    data = storage.read_bytes(url, options=options)
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for damaged files
+        raise ValueError(f"{storage.redact_url(url)} is not a readable checkpoint file ({type(e).__name__}: "
+                         f"{str(e)[:200]}); the checkpoint is corrupt — use another step") from None
 
 
 def list_checkpoints(run: str, options: Optional[Mapping[str, Any]] = None,
@@ -91,7 +95,16 @@ def resolve_checkpoint(path: str, options: Optional[Mapping[str, Any]] = None) -
 
 def read_meta(ckpt: str, options: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
     """A checkpoint's meta.json."""
-    return json.loads(storage.read_text(storage.join(ckpt, META), options))
+    url = storage.join(ckpt, META)
+    try:
+        meta = json.loads(storage.read_text(url, options))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{storage.redact_url(ckpt)} has no {META}: the checkpoint is incomplete") from None
+    except ValueError as e:
+        raise ValueError(f"{storage.redact_url(url)} is not valid JSON ({e}); the checkpoint is corrupt") from None
+    if not isinstance(meta, dict) or "backbone" not in meta or "step" not in meta:
+        raise ValueError(f"{storage.redact_url(url)} lacks backbone/step; the checkpoint is corrupt")
+    return meta
 
 
 def write_meta(ckpt: str, meta: Mapping[str, Any], options: Optional[Mapping[str, Any]] = None) -> None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import pytest
 
@@ -32,6 +32,12 @@ class Cfg:
     tags: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Objective:
+    name: str = "simclr"
+    args: dict[str, Any] = field(default_factory=dict)
+
+
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("name: a\ntrain:\n  lr: 0.1\n  steps: 5\ntags: [x]\n")
@@ -42,6 +48,14 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.train.betas == (0.5, 0.6)
     assert cfg.tags == ["y", "z"]
     assert cfg.train.optimizer == "adamw"
+
+
+def test_nested_mappings_merge_and_an_empty_one_clears(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("args: {width: 32, in_channels: 1}\n")
+    assert load_config(Objective, str(path), ["args.width=8"]).args == {"width": 8, "in_channels": 1}
+    assert load_config(Objective, str(path), ["args={depth: 2}"]).args == {"width": 32, "in_channels": 1, "depth": 2}
+    assert load_config(Objective, str(path), ["args={}"]).args == {}
 
 
 def test_unknown_keys_are_rejected_with_valid_ones_listed(tmp_path):

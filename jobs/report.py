@@ -1,0 +1,108 @@
+"""Evaluation reports: the accuracy table and the plots (accuracy against step, loss curve)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Mapping, Optional
+
+from pipeline import storage
+
+
+def latest_table(run_dir: str, opts: Optional[Mapping[str, Any]] = None) -> list[dict[str, Any]]:
+    """One row per (eval set, target, method): the latest pretrained step beside the baselines."""
+    from jobs.evaluate import read_results
+
+    table = read_results(run_dir, opts)
+    if table is None:
+        return []
+    rows = table.to_pylist()
+    pre = [r for r in rows if r["encoder"] == "pretrained"]
+    arch = max(pre, key=lambda r: (r["step"], r["time"]))["arch"] if pre else None
+    out = {}
+    for r in sorted(rows, key=lambda r: (r["step"], r["time"])):
+        if r["encoder"] != "pretrained" and arch is not None and r["arch"] != arch:
+            continue
+        k = (r["eval_set"], r["target"], r["method"])
+        entry = out.setdefault(k, {"eval_set": k[0], "target": k[1], "method": k[2]})
+        entry[r["encoder"]] = r["accuracy"]
+        if r["encoder"] == "pretrained":
+            entry["step"] = r["step"]
+        entry["n_test"] = r["n_test"]
+    return [out[k] for k in sorted(out)]
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The table as aligned text (accuracy in %)."""
+    head = f"{'eval set':<18} {'target':<8} {'method':<7} {'step':>6} {'pretrained':>11} {'random init':>12} " \
+           f"{'raw':>7} {'n_test':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        def pct(name: str) -> str:
+            return f"{100 * r[name]:.2f}" if name in r else "-"
+        lines.append(f"{r['eval_set']:<18} {r['target']:<8} {r['method']:<7} {r.get('step', '-'):>6} "
+                     f"{pct('pretrained'):>11} {pct('random_init'):>12} {pct('raw'):>7} {r.get('n_test', 0):>7}")
+    return "\n".join(lines)
+
+
+def print_table(run_dir: str, opts: Optional[Mapping[str, Any]] = None) -> None:
+    """Print the latest accuracy table of a run."""
+    rows = latest_table(run_dir, opts)
+    print(format_table(rows) if rows else f"no evaluation results in {storage.redact_url(run_dir)} yet")
+
+
+def write_plots(run_dir: str, opts: Optional[Mapping[str, Any]] = None) -> list[str]:
+    """`<run>/eval/accuracy.png` and `<run>/eval/loss.png`; returns the URLs written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jobs.evaluate import read_results
+
+    written = []
+    table = read_results(run_dir, opts)
+    with tempfile.TemporaryDirectory() as tmp:
+        if table is not None:
+            fig = accuracy_figure(plt, table.to_pylist())
+            written.append(_save(fig, plt, tmp, run_dir, "accuracy.png", opts))
+        metrics = storage.join(run_dir, "metrics.jsonl")
+        if storage.exists(metrics, opts):
+            lines = [json.loads(x) for x in storage.read_text(metrics, opts).splitlines() if x.strip()]
+            by_step = {m["step"]: m["loss"] for m in lines}
+            fig, ax = plt.subplots(figsize=(6, 4))
+            ax.plot(sorted(by_step), [by_step[s] for s in sorted(by_step)])
+            ax.set(xlabel="step", ylabel="training loss", title="pretraining loss")
+            written.append(_save(fig, plt, tmp, run_dir, "loss.png", opts))
+    return written
+
+
+def accuracy_figure(plt: Any, rows: list[dict[str, Any]]) -> Any:
+    """Accuracy against step per (eval set, target, method); baselines as horizontal lines."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups = sorted({(r["eval_set"], r["target"], r["method"]) for r in rows})
+    for i, g in enumerate(groups):
+        color = f"C{i % 10}"
+        pts = sorted((r["step"], r["accuracy"]) for r in rows if (r["eval_set"], r["target"], r["method"]) == g
+                     and r["encoder"] == "pretrained")
+        label = "/".join(g)
+        if pts:
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", color=color, label=f"{label} pretrained")
+        for enc, style in (("random_init", "--"), ("raw", ":")):
+            base = [r["accuracy"] for r in rows if (r["eval_set"], r["target"], r["method"]) == g
+                    and r["encoder"] == enc]
+            if base:
+                ax.axhline(100 * base[-1], linestyle=style, color=color, label=f"{label} {enc}")
+    ax.set(xlabel="step", ylabel="accuracy (%)", title="frozen-feature accuracy")
+    ax.legend(fontsize=7, loc="best")
+    return fig
+
+
+def _save(fig: Any, plt: Any, tmp: str, run_dir: str, name: str, opts: Optional[Mapping[str, Any]]) -> str:
+    local = os.path.join(tmp, name)
+    fig.tight_layout()
+    fig.savefig(local, dpi=100)
+    plt.close(fig)
+    url = storage.join(run_dir, "eval", name)
+    storage.upload_file(local, url, opts)
+    return url

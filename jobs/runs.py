@@ -1,0 +1,44 @@
+"""`selfsup runs show RUN`: a run's state, checkpoints and latest accuracy table."""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from jobs.common import add_storage_args, storage_options
+from pipeline import storage
+
+
+def add_parser(sub: Any) -> None:
+    """Register `selfsup runs`."""
+    p = sub.add_parser("runs", help="inspect runs: status, checkpoints, evaluation results")
+    rsub = p.add_subparsers(dest="runs_command", metavar="ACTION", required=True)
+    show = rsub.add_parser("show", help="status, checkpoints and the latest accuracy table of RUN")
+    show.add_argument("run_dir", metavar="RUN", help="run folder (path or URL)")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    add_storage_args(show)
+    show.set_defaults(run=run_show)
+
+
+def run_show(args: argparse.Namespace) -> int:
+    """Print the run's status line, checkpoints and table."""
+    from jobs.report import format_table, latest_table
+    from trainers import checkpoint as ck
+
+    opts = storage_options(args)
+    status_url = storage.join(args.run_dir, "status.json")
+    if not storage.exists(status_url, opts):
+        raise FileNotFoundError(f"{storage.redact_url(args.run_dir)} is not a run folder (no status.json)")
+    status = json.loads(storage.read_text(status_url, opts))
+    ckpts = ck.list_checkpoints(args.run_dir, opts)
+    table = latest_table(args.run_dir, opts)
+    if args.json:
+        print(json.dumps({"status": status, "checkpoints": [u for _, u in ckpts], "results": table}))
+        return 0
+    loss = f", loss {status['loss']:.4f}" if isinstance(status.get("loss"), (int, float)) else ""
+    print(f"run {storage.redact_url(args.run_dir)}: {status.get('state')} at step {status.get('step')}"
+          f"/{status.get('steps')}{loss}")
+    marks = [f"{u.rsplit('/', 1)[-1]}{'*' if ck.is_evaluated(u, opts) else ''}" for _, u in ckpts]
+    print(f"checkpoints ({len(ckpts)}, * = evaluated): {' '.join(marks) or '(none)'}")
+    print(format_table(table) if table else "no evaluation results yet (selfsup evaluate RUN)")
+    return 0
