@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"selfsup pretrain: failed: {storage.redact(str(e))[:2000]}", file=sys.stderr)
         return 1
     progress.stop()
-    return finish(cfg, stopped=bool(args.stop_after and args.stop_after < cfg.train.steps))
+    return finish(cfg, stopped=last_metrics(cfg).get("step", cfg.train.steps) < cfg.train.steps)
 
 
 def prepare_run(cfg: Any, resume: bool) -> Optional[str]:

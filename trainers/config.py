@@ -78,6 +78,8 @@ class TrainConfig:
     keep: int = 3                  # complete checkpoints kept (plus promoted and unevaluated ones)
     keep_unevaluated: bool = True
     collapse_threshold: float = 0.05  # warn when the embedding spread falls below this
+    time_limit_minutes: Optional[float] = None  # stop (checkpointed) once this much training time has passed
+    init_from: Optional[str] = None   # warm start: model weights of this checkpoint at step 0 (fresh optimizer/LR)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,33 @@ class ScalingConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """How `selfsup submit` runs this config as a Ray job: the image provides every dependency."""
+
+    image: str = "selfsup:latest"  # the cluster nodes' container image (recorded in the job metadata)
+    python: str = "python"         # interpreter on the cluster that runs `-m jobs.cli`
+    entrypoint_cpus: float = 0.0   # reserved for the driver process (0: it only coordinates)
+    entrypoint_gpus: float = 0.0
+    entrypoint_resources: dict[str, float] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # non-secret settings only; credentials are refused
+    excludes: list[str] = field(default_factory=list)  # more working_dir excludes (gitignore syntax)
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """`selfsup retrain`: where retrain runs live, how they are judged, and the lease."""
+
+    runs: str = ""                 # runs root (default: the config's `run`, used as a folder of runs)
+    eval_set: str = ""             # NAME=TRAIN_URL[,TEST_URL]; default: sources holding probe splits
+    metric: str = "linear"         # knn | linear
+    target: str = "cls"
+    tolerance: float = 0.0         # promote unless worse than the promoted model by more than this (0-1 scale)
+    min_new_samples: int = 1
+    lease_seconds: float = 600.0   # a holder that stops renewing for this long is presumed dead
+    steps: Optional[int] = None    # optimizer steps per retrain run (default train.steps)
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
     """A whole pretraining run."""
 
@@ -101,6 +130,8 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     storage: dict[str, Any] = field(default_factory=dict)  # fsspec options (endpoint_url, region, ...)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
 
 
 def validate(cfg: PretrainConfig) -> PretrainConfig:
@@ -131,4 +162,6 @@ def config_digest(cfg: PretrainConfig) -> str:
     """A short id of everything that decides the model (secrets excluded)."""
     data = to_dict(cfg)
     data.pop("run", None)
+    data.pop("cluster", None)  # where and how a run is scheduled does not decide the model
+    data.pop("retrain", None)
     return hashlib.blake2b(json.dumps(data, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()

@@ -89,6 +89,8 @@ def run_training(cfg: PretrainConfig, rank: int, world: int, reporter: Reporter,
                      cfg.data.stream_cpus, cfg.data.stream_resources or None,
                      quarantine_url=storage.join(cfg.run, "quarantine.jsonl") if rank == 0 else None)
     step = restore(reporter.restore_point() or resume_from, core, optimizer, feed, opts, rank)
+    if step == 0 and cfg.train.init_from:
+        warm_start(cfg.train.init_from, core, opts, rank)
     try:
         until = min(cfg.train.steps, stop_after) if stop_after else cfg.train.steps
         return _steps(cfg, rank, world, model, core, optimizer, feed, device, reporter, step, until)
@@ -116,6 +118,18 @@ def restore(ckpt: Optional[str], core: nn.Module, optimizer: torch.optim.Optimiz
     return int(state["step"])
 
 
+def warm_start(ckpt: str, core: nn.Module, opts: Optional[Mapping[str, Any]], rank: int) -> None:
+    """Load only the model weights of a complete checkpoint (the optimizer and LR schedule start fresh)."""
+    ck.read_meta(ckpt, opts)  # refuses incomplete checkpoints
+    state = ck.load_torch(storage.join(ckpt, ck.STATE), opts)
+    try:
+        core.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise ValueError(f"train.init_from={storage.redact_url(ckpt)} does not fit this objective/backbone "
+                         f"({str(e).splitlines()[0][:200]}); warm start needs the same architecture") from None
+    log.info("rank %d warm-started from %s (step %s)", rank, storage.redact_url(ckpt), state.get("step"))
+
+
 def _autocast(device: torch.device, bf16: bool) -> Any:
     if device.type == "cuda" and bf16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -141,6 +155,7 @@ def _steps(cfg: PretrainConfig, rank: int, world: int, model: nn.Module, core: n
     t = cfg.train
     window = _Window(feed)
     last: dict[str, Any] = {}
+    started = time.monotonic()
     while step < until:
         torch.manual_seed(stable_hash(t.seed, "step", step, rank) % (2**63))
         set_lr(optimizer, lr_at(step, t.steps, t.lr, t.warmup_steps, t.min_lr))
@@ -153,6 +168,10 @@ def _steps(cfg: PretrainConfig, rank: int, world: int, model: nn.Module, core: n
         optimizer.zero_grad(set_to_none=True)
         core.after_step(step + 1, t.steps)
         step += 1
+        if t.time_limit_minutes and step % t.log_every == 0 and _out_of_time(started, t.time_limit_minutes, world):
+            log.warning("train.time_limit_minutes=%s reached at step %d: stopping with a checkpoint",
+                        t.time_limit_minutes, step)
+            until = step
         ckpt_now = step % t.ckpt_every == 0 or step == until
         if step % t.log_every == 0 or ckpt_now:
             last = window.metrics(step, optimizer.param_groups[0]["lr"], world, t.collapse_threshold)
@@ -163,6 +182,15 @@ def _steps(cfg: PretrainConfig, rank: int, world: int, model: nn.Module, core: n
         elif step % t.log_every == 0:
             reporter.report(last, None, step)
     return last
+
+
+def _out_of_time(started: float, minutes: float, world: int) -> bool:
+    """Whether any rank has used up the time limit (all ranks agree, so they stop together)."""
+    flag = torch.tensor([float(time.monotonic() - started > 60.0 * minutes)])
+    if world > 1 and torch.distributed.is_initialized():
+        flag = flag.to(_dist_device())
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item() > 0)
 
 
 class _Window:

@@ -42,11 +42,11 @@ def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
     """
     if len(train_x) == 0 or len(test_x) == 0:
         raise ValueError("the linear probe needs labeled train and test features; an eval split is empty")
-    xtr, xte = standardize(train_x.double(), test_x.double())
+    xtr, xte = standardize(train_x.float(), test_x.float())
     classes = int(max(train_y.max(), test_y.max())) + 1
     gen = torch.Generator().manual_seed(seed)
-    w = (torch.randn(xtr.shape[1], classes, generator=gen, dtype=torch.float64) * 0.01).requires_grad_()
-    b = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(xtr.shape[1], classes, generator=gen, dtype=torch.float32) * 0.01).requires_grad_()
+    b = torch.zeros(classes, dtype=torch.float32, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=epochs, history_size=20, line_search_fn="strong_wolfe")
     ytr = train_y.long()
 
@@ -59,4 +59,4 @@ def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
     opt.step(closure)
     with torch.no_grad():
         pred = (xte @ w + b).argmax(dim=1)
-    return float((pred == test_y.long()).double().mean())
+    return float((pred == test_y.long()).float().mean())
