@@ -35,7 +35,7 @@ PLANS = {
         ("pretrain", ["--subset", "train", "--samples-per-shard", "10000"]),
         ("probe-train", ["--subset", "train", "--limit", "10000", "--samples-per-shard", "5000"]),
         ("probe-test", ["--subset", "test", "--samples-per-shard", "5000"])]),
-    "audio": DemoPlan("fsdd", "spoken-digits", "audio", "simclr_audio", [
+    "audio": DemoPlan("fsdd", "fsdd", "audio", "simclr_audio", [
         ("pretrain", ["--exclude", "_theo_", "--samples-per-shard", "500"]),
         ("probe-train", ["--exclude", "_theo_", "--samples-per-shard", "500"]),
         ("probe-test", ["--include", "_theo_", "--samples-per-shard", "500"])]),

@@ -240,20 +240,35 @@ def test_mae_on_spectrogram_patches_trains() -> None:
     assert_falls(train(obj, batch, 15, 1e-3))
 
 
-def test_mae_loss_ignores_hidden_pixels_in_the_encoder() -> None:
+MAE_INPUTS = {  # modality → (backbone args, input shape [B, ...])
+    "image": (VIT["backbone_args"], (4, 1, 28, 28)),
+    "video": ({"in_channels": 3, "frames": 4, "img_size": 16, "tubelet": [2, 4, 4]}, (4, 3, 4, 16, 16)),
+    "audio": ({"n_mels": 16, "frames": 32, "patch_size": [4, 4]}, (4, 16, 32)),
+}
+
+
+@pytest.mark.parametrize("modality", ["image", "video", "audio"])
+def test_mae_loss_ignores_hidden_patches_in_the_encoder(modality: str) -> None:
     """Changing hidden patches moves the loss (their targets) but not the encoder's embedding."""
-    obj = build("mae").eval()
-    batch = image_batch(4)
-    batch["mask"] = random_mask(4, 49, 36, seed=5)
-    x = batch["image"]
-    hidden_pixels = batch["mask"].reshape(4, 1, 7, 7).repeat_interleave(4, 2).repeat_interleave(4, 3)
-    changed = {**batch, "image": torch.where(hidden_pixels, torch.randn_like(x) * 3, x)}
+    args, shape = MAE_INPUTS[modality]
+    obj = build("mae", modality, backbone_args=args).eval()
+    tok, n, field = obj.backbone.tokenizer, obj.backbone.num_tokens, obj.needs[0]
+    numel = math.prod(shape[1:])
+    elements = tok.patchify(torch.arange(numel, dtype=torch.float64).reshape(1, *shape[1:]))[0].long()  # [N, P]
+    owner = torch.empty(numel, dtype=torch.long)
+    owner[elements.flatten()] = torch.arange(n).repeat_interleave(tok.patch_dim)  # token of each input element
+    mask = random_mask(shape[0], n, 3 * n // 4, seed=5)
+    hidden = mask[:, owner].reshape(shape)  # [B, ...] True on the elements of hidden tokens
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=g)
+    noise = 3 * torch.randn(shape, generator=g)
     with torch.no_grad():
-        a, b = obj(batch), obj(changed)
+        a = obj({field: x, "mask": mask})
+        b = obj({field: torch.where(hidden, noise, x), "mask": mask})
         assert torch.equal(a.embedding, b.embedding)
         assert not torch.isclose(a.loss, b.loss)
-        visible_changed = {**batch, "image": torch.where(~hidden_pixels, torch.randn_like(x), x)}
-        assert not torch.allclose(obj(visible_changed).embedding, a.embedding)
+        visible_changed = obj({field: torch.where(~hidden, noise, x), "mask": mask})
+        assert not torch.allclose(visible_changed.embedding, a.embedding)
 
 
 def test_contrastive_objectives_take_video_and_audio_views() -> None:
