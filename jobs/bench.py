@@ -1,12 +1,13 @@
 """`selfsup bench pipeline`: samples/s of the ShardStream pipeline against common loaders, same data and work.
 
-Variants, all on the same shards of real data with the modality's train recipe (two views), one
-OpenCV and one torch thread per process:
+Variants, all on the same shards of real data (written once under --workdir and reused) with the
+modality's train recipe (two views), one OpenCV and one torch thread per process:
 
 - `kernel`: decode + views (`BatchMaker.sample`) in a plain loop in this process. The sample
   bytes are read from the shards before the clock starts, so this is one core's compute ceiling.
 - `selfsup`: N ShardStream actors (1 CPU each) + a BatchFeed on a local Ray instance, one epoch.
-  The clock starts once the streams are up (in training they live for the whole run).
+  The clock starts once the streams are up and warm (one batch each, thrown away): in training
+  they live for the whole run.
 - `dataloader`: torch DataLoader(num_workers=N) over a webdataset pipeline (shard list → split by
   worker → tar samples) calling the modality's own decode and views.
 - `ray_data`: ray.data.read_webdataset (raw bytes) → map_batches(the same code) → iter_batches.
@@ -15,10 +16,21 @@ OpenCV and one torch thread per process:
   soundfile + torchaudio, a mel per view and F.interpolate crops; video: PyAV decodes every frame
   of the clip's span at full size (as torchvision.io.read_video), then transforms.v2 on the clip.
 
+Data: image → real JPEG photos, audio → the spoken-digit recordings, video → the videos re-encoded
+once to H.264 with short keyframe intervals (what `shards write --reencode` makes). When --samples
+exceeds the files, they are linked several times (each copy still gets its own random views).
+Ray starts its workers at nice 15; here they run at nice 0, like the DataLoader workers.
+
 Each figure is the median samples/s of --repeats runs, the variants alternating. Ratios:
 efficiency = selfsup / (N · kernel); vs_X = selfsup / X. stall_pct is the share of the selfsup
 run the consumer spent waiting in BatchFeed.next(); the consumer here does nothing else, so it is
 near 100% by construction and what is left is the feed's own per-batch cost in the trainer.
+On a shared machine the parallel variants get fewer than N cores and `efficiency` drops with no
+fault of the pipeline, so each run also records the cores its process tree got (`cores`), the
+cores other programs took meanwhile (`other_cores`), and samples per CPU-second of the tree;
+cpu_efficiency = selfsup's samples per CPU-second / kernel's, whatever share of the machine
+each run got (the Ray and DataLoader processes' own CPU counts against them). The floors
+(--check exits 1 below one) are defined for images.
 """
 from __future__ import annotations
 
@@ -28,10 +40,9 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -54,7 +65,7 @@ class Setup:
     size: Optional[int]
 
 
-SETUPS = {"image": Setup("photos", 1024, 32, 224), "audio": Setup("fsdd", 4096, 64, None),
+SETUPS = {"image": Setup("photos", 2048, 64, 224), "audio": Setup("fsdd", 4096, 128, None),
           "video": Setup("video", 64, 4, 112)}
 
 
@@ -68,9 +79,9 @@ def add_parser(sub: Any) -> None:
         description=(__doc__ or "").split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--modality", required=True, choices=sorted(SETUPS))
     b.add_argument("--streams", type=int, default=2, help="streams / DataLoader workers / Ray CPUs (default 2)")
-    b.add_argument("--samples", type=int, help="samples per epoch (default: image 1024, audio 4096, video 64; "
+    b.add_argument("--samples", type=int, help="samples per epoch (default: image 2048, audio 4096, video 64; "
                                                "the source files are repeated when there are fewer)")
-    b.add_argument("--batch-size", type=int, help="default: image 32, audio 64, video 4")
+    b.add_argument("--batch-size", type=int, help="default: image 64, audio 128, video 4")
     b.add_argument("--size", type=int, help="view side in pixels (default: image 224, video 112; not audio)")
     b.add_argument("--recipe", choices=["simclr", "byol"], default="simclr", help="image views (default simclr)")
     b.add_argument("--repeats", type=int, default=3, help="runs per variant; figures are medians (default 3)")
@@ -92,23 +103,15 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------- data
 
 
-def stage_sources(src: Path, stage: Path, modality: str, copies: int) -> Path:
-    """A folder of `copies` sub-folders linking every media file of `src` (videos re-encoded once)."""
-    from pipeline.sources import EXTENSIONS
-
-    files = sorted(p for p in src.iterdir() if p.suffix.lower().lstrip(".") in EXTENSIONS[modality])
-    if not files:
-        raise FileNotFoundError(f"{src} holds no {modality} files ({'/'.join(EXTENSIONS[modality])})")
-    if modality == "video":
-        files = [reencoded(f, stage.parent / "mp4") for f in files]
-    root = stage / f"x{copies}"
+def stage_sources(files: list[Path], stage: Path, copies: int) -> Path:
+    """`stage` holding `copies` sub-folders that link every file (so a source can fill more samples)."""
     for c in range(copies):
-        (root / f"c{c}").mkdir(parents=True, exist_ok=True)
+        (stage / f"c{c}").mkdir(parents=True, exist_ok=True)
         for f in files:
-            link = root / f"c{c}" / f.name
+            link = stage / f"c{c}" / f.name
             if not link.exists():
                 link.symlink_to(f.resolve())
-    return root
+    return stage
 
 
 def reencoded(path: Path, folder: Path) -> Path:
@@ -125,27 +128,31 @@ def reencoded(path: Path, folder: Path) -> Path:
     return out
 
 
-def count_media(src: Path, modality: str) -> int:
-    """Media files of `modality` directly in `src`."""
+def media_files(src: Path, modality: str) -> list[Path]:
+    """Media files of `modality` directly in `src`, sorted."""
     from pipeline.sources import EXTENSIONS
 
-    return sum(1 for p in src.iterdir() if p.suffix.lower().lstrip(".") in EXTENSIONS[modality])
+    return sorted(p for p in src.iterdir() if p.suffix.lower().lstrip(".") in EXTENSIONS[modality])
 
 
 def prepare_shards(modality: str, src: Path, workdir: Path, samples: int, shards: int) -> str:
     """Write (once) `samples` samples of `src` into `shards` equal shards under workdir; returns the URL."""
     from jobs.cli import main
 
+    files = media_files(src, modality)
+    if not files:
+        raise FileNotFoundError(f"{src} holds no {modality} files")
+    tag = hashlib.blake2b(str(src.resolve()).encode(), digest_size=4).hexdigest()
+    if modality == "video":
+        files = [reencoded(f, workdir / "sources" / f"{tag}-mp4") for f in files]
     per_shard = max(1, samples // shards)
     total = per_shard * min(shards, samples)
-    copies = math.ceil(total / count_media(src, modality))
-    tag = hashlib.blake2b(f"{src.resolve()}|{total}|{per_shard}".encode(), digest_size=4).hexdigest()
+    copies = math.ceil(total / len(files))
+    stage = stage_sources(files, workdir / "sources" / f"{tag}-x{copies}", copies)
     dest = workdir / f"shards-{total}x{per_shard}-{tag}"
-    stage = stage_sources(src, workdir / "sources", modality, copies)
     with contextlib.redirect_stdout(sys.stderr):
         code = main(["shards", "write", str(stage), str(dest), "--modality", modality, "--source-type", "folder",
-                     "--limit", str(total), "--samples-per-shard", str(per_shard), "--quiet",
-                     "--workers", str(min(4, os.cpu_count() or 1))])
+                     "--limit", str(total), "--samples-per-shard", str(per_shard), "--quiet", "--workers", "1"])
     if code:
         raise ValueError(f"writing the benchmark shards into {dest} failed (exit {code})")
     return str(dest)
@@ -153,7 +160,7 @@ def prepare_shards(modality: str, src: Path, workdir: Path, samples: int, shards
 
 def source_folder(modality: str, data: Optional[str]) -> Path:
     """The real-data folder for `modality`: --data itself, or the dataset found by jobs.data."""
-    if data and Path(data).is_dir() and count_media(Path(data), modality):
+    if data and Path(data).is_dir() and media_files(Path(data), modality):
         return Path(data)
     found = find_dataset(SETUPS[modality].dataset, data)
     if found is None:
@@ -173,67 +180,47 @@ def modality_args(modality: str, size: Optional[int], recipe: str) -> dict[str, 
     return {"output": "logmel"}
 
 
-def run_kernel(spec: Any) -> tuple[int, float, dict[str, float]]:
+def run_kernel(spec: Any, clock: Any) -> tuple[int, dict[str, float]]:
     """decode + views of every sample in this process; bytes are read before the clock starts."""
     from pipeline.batch import BatchMaker
 
     maker = BatchMaker(spec)
     rows = [(s, key, members) for s, ref in enumerate(spec.snapshot.shards)
             for key, members in maker.read(s, 0, ref.n_samples)]
-    t0 = time.perf_counter()
+    clock.start()
     for slot, (shard, key, members) in enumerate(rows):
         maker.sample(0, shard, key, members, slot)
-    return len(rows), time.perf_counter() - t0, {}
+    clock.stop()
+    return len(rows), {}
 
 
-def run_selfsup(spec: Any, streams: int, prefetch: int) -> tuple[int, float, dict[str, float]]:
-    """One epoch through BatchFeed over `streams` ShardStream actors; the clock starts when they are up."""
+def run_selfsup(spec: Any, streams: int, prefetch: int, clock: Any) -> tuple[int, dict[str, float]]:
+    """One epoch through BatchFeed over `streams` ShardStream actors.
+
+    The clock starts once the streams are up and have each made one batch (thrown away): in
+    training they live for the whole run, so their start-up is not throughput.
+    """
     import ray
 
+    from jobs.bench_loaders import wait_cpus_free
     from pipeline.feed import BatchFeed
 
     wait_cpus_free(streams)
     feed = BatchFeed(spec, streams=streams, prefetch=prefetch, backend="ray", stream_cpus=1.0)
     try:
-        ray.get([h.pid.remote() for h in feed.stream_handles()])
+        ray.get([h.batch.remote(0, i % spec.plan(0).num_batches) for i, h in enumerate(feed.stream_handles())])
         steps, n = feed.steps_per_epoch(), 0
-        t0 = time.perf_counter()
+        clock.start()
         for _ in range(steps):
             n += int(feed.next()["valid"].sum())
-        elapsed = time.perf_counter() - t0
-        return n, elapsed, {"stall_pct": 100.0 * feed.wait_s / elapsed}
+        elapsed = clock.stop()
+        return n, {"stall_pct": 100.0 * feed.wait_s / elapsed}
     finally:
         feed.close()
 
 
-def wait_cpus_free(cpus: int, timeout: float = 20.0) -> None:
-    """Wait until actors killed by the previous run have given their CPUs back to Ray."""
-    import ray
-
-    deadline = time.time() + timeout
-    while ray.available_resources().get("CPU", 0) < cpus and time.time() < deadline:
-        time.sleep(0.05)
-
-
-def start_ray(workdir: Path, cpus: int) -> None:
-    """A local Ray instance on 127.0.0.1 with `cpus` CPUs; temp files under the workdir (short path)."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    # Ray starts workers at nice 15; at that weight they lose the CPU to any other busy process,
-    # while the DataLoader variants run at 0. Equal footing: the streams run at nice 0 too.
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    import ray
-
-    temp = (workdir / "ray").resolve()
-    if len(str(temp)) > 60:  # Unix socket paths under it must stay below 108 characters
-        temp = Path(tempfile.mkdtemp(prefix="selfsup-ray-"))
-    temp.mkdir(parents=True, exist_ok=True)
-    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=str(temp),
-             log_to_driver=False, configure_logging=False)
-
-
-def variant_runners(args: argparse.Namespace, spec: Any, paths: list[str]) -> dict[str, Callable[[], tuple]]:
-    """name → a function making one timed run: (samples, seconds, extra figures)."""
+def variant_runners(args: argparse.Namespace, spec: Any, paths: list[str]) -> dict[str, Callable[[Any], tuple]]:
+    """name → a function making one run timed by the RunClock it is given: (samples, extra figures)."""
     from jobs import bench_loaders as L
 
     mod_args = dict(spec.modality_args)
@@ -241,16 +228,16 @@ def variant_runners(args: argparse.Namespace, spec: Any, paths: list[str]) -> di
     default = L.default_transform(spec.snapshot.modality, mod_args)
     B, N = spec.batch_size, args.streams
 
-    def ray_data() -> tuple:
-        wait_cpus_free(N)
-        return (*L.ray_data_run(paths, transform, B), {})
+    def ray_data(clock: Any) -> tuple:
+        L.wait_cpus_free(N)
+        return L.ray_data_run(paths, transform, B, clock), {}
 
     return {
-        "kernel": lambda: run_kernel(spec),
-        "selfsup": lambda: run_selfsup(spec, N, args.prefetch),
-        "dataloader": lambda: (*L.time_loader(L.wds_loader(paths, transform, B, N)), {}),
+        "kernel": lambda clock: run_kernel(spec, clock),
+        "selfsup": lambda clock: run_selfsup(spec, N, args.prefetch, clock),
+        "dataloader": lambda clock: (L.time_loader(L.wds_loader(paths, transform, B, N), clock), {}),
         "ray_data": ray_data,
-        "torchvision_default": (lambda: (*L.time_loader(L.wds_loader(paths, default, B, N)), {}))
+        "torchvision_default": (lambda clock: (L.time_loader(L.wds_loader(paths, default, B, N), clock), {}))
         if default else None,  # type: ignore[dict-item]
     }
 
@@ -267,9 +254,17 @@ def summarize(args: argparse.Namespace, rates: dict[str, list[float]], extras: d
                            "batch_size": batch_size, "repeats": args.repeats, **fig}
     out["efficiency"] = s / (N * fig["kernel"]) if s and fig["kernel"] else None
     for v in ("dataloader", "ray_data", "torchvision_default"):
-        out[f"vs_{v}"] = s / fig[v] if s and fig[v] else None
+        x = fig[v]
+        out[f"vs_{v}"] = s / x if s and x else None
     stalls = [e["stall_pct"] for e in extras.get("selfsup", []) if "stall_pct" in e]
     out["stall_pct"] = statistics.median(stalls) if stalls else None
+    others = [e["other_cores"] for es in extras.values() for e in es]
+    out["other_cores"] = statistics.mean(others) if others else None  # cores busy outside the bench
+    out["cores"] = {v: round(statistics.median(e["cores"] for e in es), 2) for v, es in extras.items()}
+    per_cpu = {v: statistics.median(e["per_cpu_s"] for e in es) for v, es in extras.items()}
+    out["samples_per_cpu_s"] = {v: round(x, 1) for v, x in per_cpu.items()}
+    out["cpu_efficiency"] = (per_cpu["selfsup"] / per_cpu["kernel"]
+                             if per_cpu.get("selfsup") and per_cpu.get("kernel") else None)
     floors = {}
     for key, floor in FLOORS.get(args.modality, {}).items():
         value = out.get(key)
@@ -291,73 +286,95 @@ def table(result: dict[str, Any]) -> str:
              "torchvision_default": f"torchvision default ({N})"}
     lines = [f"{result['modality']}: {result['samples']} samples, batch {result['batch_size']}"
              + (f", {result['size']} px" if result["size"] else "") + f", median of {result['repeats']}",
-             f"{'variant':<32}{'samples/s':>11}{'selfsup ×':>11}"]
+             f"{'variant':<32}{'samples/s':>11}{'selfsup ×':>11}{'cores':>7}{'per CPU-s':>11}"]
     for v in VARIANTS:
-        x = result[v]
+        x, cores, per_cpu = result[v], result["cores"].get(v), result["samples_per_cpu_s"].get(v)
         ratio = "" if v == "selfsup" or not x or not result["selfsup"] else f"{result['selfsup'] / x:.2f}"
-        lines.append(f"{label[v]:<32}{('%.1f' % x) if x else 'n/a':>11}{ratio:>11}")
+        lines.append(f"{label[v]:<32}{('%.1f' % x) if x else 'n/a':>11}{ratio:>11}"
+                     f"{'' if cores is None else '%.2f' % cores:>7}{'' if per_cpu is None else '%.1f' % per_cpu:>11}")
     if result["efficiency"] is not None:
-        lines.append(f"efficiency selfsup/(N·kernel) = {result['efficiency']:.2f}")
+        lines.append(f"efficiency selfsup/(N·kernel) = {result['efficiency']:.2f}; per CPU-second "
+                     f"selfsup/kernel = {result['cpu_efficiency']:.2f}")
+    if result["other_cores"]:
+        lines.append(f"other programs kept {result['other_cores']:.2f} of {result['cpus']} cores busy meanwhile"
+                     + (" (figures of parallel variants are low)" if result["other_cores"] > 0.2 else ""))
     if result["stall_pct"] is not None:
         lines.append(f"BatchFeed stall (consumer idle) = {result['stall_pct']:.1f}%")
     for key, f in result["floors"].items():
         verdict = "n/a" if f["pass"] is None else ("PASS" if f["pass"] else "FAIL")
-        value = "n/a" if f["value"] is None else f"{f['value']:.2f}"
+        value = "n/a" if f["value"] is None else f"{f['value']:.3f}"
         lines.append(f"  {key:<24} {value:>7} ≥ {f['floor']:<5} {verdict}")
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    """`selfsup bench pipeline`."""
-    wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = sorted(set(wanted) - set(VARIANTS))
+def measure(order: list[str], runners: dict[str, Callable[[Any], tuple]], repeats: int
+            ) -> tuple[dict[str, list[float]], dict[str, list[dict]]]:
+    """Run the variants in turn, `repeats` rounds; samples/s and extra figures per variant and run."""
+    from jobs.bench_loaders import RunClock
+
+    rates: dict[str, list[float]] = {}
+    extras: dict[str, list[dict]] = {}
+    for r in range(repeats):
+        for i, v in enumerate(order):
+            clock = RunClock()
+            n, extra = runners[v](clock)
+            extra = {**extra, **clock.figures(), "per_cpu_s": n / clock.cpu if clock.cpu else 0.0}
+            rates.setdefault(v, []).append(n / clock.wall)
+            extras.setdefault(v, []).append(extra)
+            log(f"[{r * len(order) + i + 1}/{repeats * len(order)}] {v:<20} {n / clock.wall:9.1f} samples/s "
+                f"({n} in {clock.wall:.2f} s)" + "".join(f", {k} {x:.1f}" for k, x in extra.items()))
+    return rates, extras
+
+
+def chosen_variants(text: str) -> list[str]:
+    """The --variants list, checked, in the canonical order."""
+    wanted = {v.strip() for v in text.split(",") if v.strip()}
+    unknown = sorted(wanted - set(VARIANTS))
     if unknown:
         raise ValueError(f"unknown variant(s) {', '.join(unknown)}; valid: {', '.join(VARIANTS)}")
+    return [v for v in VARIANTS if v in wanted]
+
+
+def run(args: argparse.Namespace) -> int:
+    """`selfsup bench pipeline`."""
+    wanted = chosen_variants(args.variants)
     if args.streams < 1 or args.repeats < 1 or args.prefetch < 1:
         raise ValueError("--streams, --repeats and --prefetch must be at least 1")
     setup = SETUPS[args.modality]
     size = None if args.modality == "audio" else (args.size or setup.size)
-    batch_size = args.batch_size or setup.batch_size
-    samples = args.samples or setup.samples
+    batch_size, samples = args.batch_size or setup.batch_size, args.samples or setup.samples
     if samples < batch_size:
         raise ValueError(f"--samples {samples} must be at least --batch-size {batch_size}")
     workdir = Path(args.workdir or f"runs/bench/{args.modality}")
-    shards = args.streams * math.ceil(SHARDS / args.streams)
-
     import cv2
     import torch
 
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
+    from jobs import bench_loaders as L
     from pipeline import storage
     from pipeline.batch import FeedSpec
     from pipeline.snapshot import SourceSpec, build_snapshot
 
+    shards = args.streams * math.ceil(SHARDS / args.streams)
     url = prepare_shards(args.modality, source_folder(args.modality, args.data), workdir, samples, shards)
     snapshot = build_snapshot([SourceSpec(url)], args.modality)
     spec = FeedSpec(snapshot, batch_size, modality_args(args.modality, size, args.recipe))
     paths = [storage.local_path(s.url) for s in snapshot.shards]
     log(f"bench pipeline: {args.modality}, {snapshot.n_samples} samples in {len(paths)} shards, "
         f"{args.streams} streams, {args.repeats} repeats")
-    if {"selfsup", "ray_data"} & set(wanted):
-        start_ray(workdir, args.streams)
-    runners = variant_runners(args, spec, paths)
-    rates: dict[str, list[float]] = {}
-    extras: dict[str, list[dict]] = {}
-    order = [v for v in VARIANTS if v in wanted and runners.get(v)]
+    uses_ray = bool({"selfsup", "ray_data"} & set(wanted))
+    ray_temp = L.start_ray(workdir, args.streams) if uses_ray else None
     try:
-        for r in range(args.repeats):
-            for i, v in enumerate(order):
-                n, seconds, extra = runners[v]()
-                rates.setdefault(v, []).append(n / seconds)
-                extras.setdefault(v, []).append(extra)
-                log(f"[{r * len(order) + i + 1}/{args.repeats * len(order)}] {v:<20} {n / seconds:9.1f} samples/s "
-                    f"({n} in {seconds:.2f} s)" + "".join(f", {k} {x:.1f}" for k, x in extra.items()))
+        runners = variant_runners(args, spec, paths)
+        rates, extras = measure([v for v in wanted if runners.get(v)], runners, args.repeats)
     finally:
-        if {"selfsup", "ray_data"} & set(wanted):
+        if uses_ray:
             import ray
 
             ray.shutdown()
+        if ray_temp:
+            shutil.rmtree(ray_temp, ignore_errors=True)
     result = summarize(args, rates, extras, snapshot.n_samples, size, batch_size)
     log(table(result))
     if args.json:

@@ -5,13 +5,19 @@
 they move data. The `*Default` transforms write the same recipe the way it is commonly written
 with tensors (torchvision.transforms.v2, torchaudio), to show what the modality code buys.
 Nothing here unpickles: tar members stay raw bytes until the modality decodes them.
+`start_ray` brings up the local Ray instance both Ray-based variants share; `RunClock` times a
+run and tells how many cores it got and how many other programs took meanwhile.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
+import os
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
@@ -53,6 +59,36 @@ class ModalityTransform:
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
+def wait_cpus_free(cpus: int, timeout: float = 20.0) -> None:
+    """Wait until actors killed by the previous run have given their CPUs back to Ray."""
+    import ray
+
+    deadline = time.time() + timeout
+    while ray.available_resources().get("CPU", 0) < cpus and time.time() < deadline:
+        time.sleep(0.05)
+
+
+def start_ray(workdir: Path, cpus: int) -> Optional[Path]:
+    """A local Ray instance on 127.0.0.1 with `cpus` CPUs; temp files under the workdir (short path).
+
+    Returns the temp dir when it had to be made elsewhere (the caller removes it).
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Ray starts workers at nice 15; at that weight they lose the CPU to any other busy process,
+    # while the DataLoader variants run at 0. Equal footing: the streams run at nice 0 too.
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    import ray
+
+    temp, made = (workdir / "ray").resolve(), None
+    if len(str(temp)) > 60:  # Unix socket paths under it must stay below 108 characters
+        temp = made = Path(tempfile.mkdtemp(prefix="selfsup-ray-"))
+    temp.mkdir(parents=True, exist_ok=True)
+    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=str(temp),
+             log_to_driver=False, configure_logging=False)
+    return made
+
+
 def wds_loader(paths: list[str], transform: Callable[[Mapping[str, Any]], Any], batch_size: int,
                workers: int) -> Iterable[Any]:
     """DataLoader(num_workers) over shard list → split by worker → tar samples → transform."""
@@ -64,29 +100,89 @@ def wds_loader(paths: list[str], transform: Callable[[Mapping[str, Any]], Any], 
     return DataLoader(pipe, batch_size=batch_size, num_workers=workers, worker_init_fn=one_thread)
 
 
-def time_loader(loader: Iterable[Mapping[str, Any]]) -> tuple[int, float]:
-    """(samples, seconds) to iterate a loader once; every batch has a `key` list or array."""
-    n, t0 = 0, time.perf_counter()
+def time_loader(loader: Iterable[Mapping[str, Any]], clock: RunClock) -> int:
+    """Samples in one pass over a loader (workers start inside the clock); batches have a `key` column."""
+    n = 0
+    clock.start()
     for batch in loader:
         n += len(batch["key"])
-    return n, time.perf_counter() - t0
+    clock.stop()
+    return n
 
 
-def ray_data_run(paths: list[str], transform: ModalityTransform, batch_size: int) -> tuple[int, float]:
-    """(samples, seconds): read_webdataset (raw bytes) → map_batches(the modality's views) → iter_batches."""
+def ray_data_run(paths: list[str], transform: ModalityTransform, batch_size: int, clock: RunClock) -> int:
+    """Samples of read_webdataset (raw bytes) → map_batches(the modality's views) → iter_batches."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     if hasattr(ctx, "print_on_execution_start"):
         ctx.print_on_execution_start = False
-    t0 = time.perf_counter()
+    clock.start()
     ds = ray.data.read_webdataset(paths, decoder=None).map_batches(
         transform.batch, batch_size=batch_size, batch_format="numpy")
     n = 0
     for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
         n += len(batch["key"])
-    return n, time.perf_counter() - t0
+    clock.stop()
+    return n
+
+
+class RunClock:
+    """Wall time of a timed region, the CPU this process tree spent in it, and what other programs took.
+
+    The tree is this process and its descendants (DataLoader workers, raylet and Ray workers);
+    other programs' share is the machine's busy time minus ours (Linux /proc; 0 elsewhere). On a
+    shared machine a parallel variant gets fewer than N cores, which lowers `efficiency` without
+    any fault of its own; samples per CPU-second do not depend on that share.
+    """
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = self.other = 0.0
+        self._t0, self._busy, self._ours = 0.0, 0.0, {}  # type: tuple[float, float, dict[int, float]]
+
+    def start(self) -> None:
+        """Start timing (the /proc walk is done before the clock starts)."""
+        self._busy, self._ours = self.sample()
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        """Stop timing; returns the wall seconds."""
+        self.wall = time.perf_counter() - self._t0
+        busy, ours = self.sample()
+        # processes that ended meanwhile drop out (their time is lost unless a parent reaped it)
+        self.cpu = sum(t - self._ours.get(pid, 0.0) for pid, t in ours.items())
+        self.other = max(0.0, busy - self._busy - self.cpu)
+        return self.wall
+
+    def figures(self) -> dict[str, float]:
+        """Cores this tree used and cores other programs used, on average over the region."""
+        wall = self.wall or float("inf")
+        return {"cores": self.cpu / wall, "other_cores": self.other / wall}
+
+    @staticmethod
+    def sample() -> tuple[float, dict[int, float]]:
+        """(seconds the machine has been busy, {pid: CPU seconds} of this process tree)."""
+        hz = os.sysconf("SC_CLK_TCK")
+        children: dict[int, list[int]] = {}
+        ticks: dict[int, int] = {}
+        try:
+            with open("/proc/stat") as f:
+                user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+            for entry in os.listdir("/proc"):
+                if entry.isdigit():
+                    with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                        children.setdefault(int(fields[1]), []).append(int(entry))
+                        ticks[int(entry)] = sum(map(int, fields[11:15]))  # utime stime cutime cstime
+        except OSError:
+            return 0.0, {}
+        ours, todo = {}, [os.getpid()]
+        while todo:
+            pid = todo.pop()
+            ours[pid] = ticks.get(pid, 0) / hz
+            todo.extend(children.get(pid, []))
+        return (user + nice + system + irq + softirq + steal) / hz, ours
 
 
 # ---------------------------------------------------------------- "common default" recipes on tensors
@@ -94,8 +190,9 @@ def ray_data_run(paths: list[str], transform: ModalityTransform, batch_size: int
 
 def default_transform(modality: str, args: Mapping[str, Any]) -> Optional[Callable[[Mapping[str, Any]], Any]]:
     """The recipe written the common way with tensors for this modality, or None if there is none."""
-    cls = {"image": ImageTVDefault, "audio": AudioTorchDefault, "video": VideoTVDefault}.get(modality)
-    return cls(args) if cls else None
+    classes: dict[str, Callable[[Mapping[str, Any]], Callable[[Mapping[str, Any]], Any]]] = {
+        "image": ImageTVDefault, "audio": AudioTorchDefault, "video": VideoTVDefault}
+    return classes[modality](args) if modality in classes else None
 
 
 def _media(sample: Mapping[str, Any], extensions: tuple[str, ...]) -> bytes:
@@ -138,7 +235,7 @@ class ImageTVDefault:
 
 
 class AudioTorchDefault:
-    """soundfile → torchaudio resample → per view: random crop, gain, MelSpectrogram, log, BYOL-A crop (F.interpolate)."""
+    """soundfile → torchaudio resample → per view: crop, gain, MelSpectrogram, log, BYOL-A crop (F.interpolate)."""
 
     def __init__(self, args: Mapping[str, Any]) -> None:
         self.args = dict(args)

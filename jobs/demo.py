@@ -28,6 +28,7 @@ class DemoPlan:
     splits: list[tuple[str, list[str]]]  # (split, extra `shards write` args)
     targets: list[str] = field(default_factory=lambda: ["cls"])
     overrides: list[str] = field(default_factory=list)
+    eval_minutes: float = 3.0        # reserved for evaluation inside --budget-minutes
 
 
 PLANS = {
@@ -49,6 +50,18 @@ PLANS = {
 }
 
 
+# --quality: the tuned recipes of jobs/configs/quality/ and the full probe sets (docs/quality.md)
+QUALITY = {
+    "image": DemoPlan("fashion-mnist", "fashion-mnist-full", "image", "quality/image", [
+        ("pretrain", ["--subset", "train", "--samples-per-shard", "10000"]),
+        ("probe-train", ["--subset", "train", "--samples-per-shard", "10000"]),
+        ("probe-test", ["--subset", "test", "--samples-per-shard", "10000"])], eval_minutes=5.0),
+    "audio": DemoPlan("fsdd", "fsdd", "audio", "quality/audio", PLANS["audio"].splits, eval_minutes=2.0),
+    "video": DemoPlan("fashion-mnist", "moving-fashion-mnist", "video", "quality/video", PLANS["video"].splits,
+                      targets=["motion", "cls"], eval_minutes=4.0),
+}
+
+
 def add_parser(sub: Any) -> None:
     """Register `selfsup demo`."""
     p = sub.add_parser("demo", help="run the whole chain on bundled real data (local Ray, local folder)",
@@ -60,6 +73,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--data", help="folder holding the datasets (default: $SELFSUP_DATA, "
                                   "/usr/share/datasets, ../shared/datasets)")
     p.add_argument("--out", default="runs/demo", help="local folder (or URL) for shards and runs (default runs/demo)")
+    p.add_argument("--quality", action="store_true",
+                   help="the tuned recipe (jobs/configs/quality/) with the full probe sets; see docs/quality.md")
+    p.add_argument("--budget-minutes", type=float,
+                   help="wall-time budget for the whole demo: pretraining stops (checkpointed) in time to "
+                        "leave room for evaluation (default: none; 20 with --quality)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100")
     p.set_defaults(run=run)
 
@@ -78,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     from pipeline import storage
     from trainers import checkpoint as ck
 
-    plan = PLANS[args.modality]
+    plan = (QUALITY if args.quality else PLANS)[args.modality]
+    budget = args.budget_minutes or (20.0 if args.quality else None)
     source = find_dataset(plan.dataset, args.data)
     if source is None:
         print(missing_line(plan.dataset, args.data), file=sys.stderr)
@@ -88,9 +107,15 @@ def run(args: argparse.Namespace) -> int:
     for split, extra in plan.splits:
         print(f"== shards: {plan.folder} {split}", file=sys.stderr)
         cli("shards", "write", str(source), data, "--modality", plan.modality, "--split", split, *extra)
-    run_dir = f"{args.out}/{plan.config}"
-    overrides = [f"run={run_dir}", f"data.sources=[{{url: {data}, split: pretrain}}]", *plan.overrides,
-                 *args.overrides]
+    run_dir = f"{args.out}/{plan.config.replace('/', '_')}"
+    overrides = [f"run={run_dir}", f"data.sources=[{{url: {data}, split: pretrain}}]", *plan.overrides]
+    if budget:
+        left = budget - (time.time() - t0) / 60 - plan.eval_minutes
+        if left <= 1:
+            raise ValueError(f"--budget-minutes {budget} leaves {left:.1f} min for pretraining after writing "
+                             f"shards and reserving {plan.eval_minutes} min for evaluation; give more")
+        overrides.append(f"train.time_limit_minutes={left:.2f}")
+    overrides += args.overrides
     print(f"== pretrain: {plan.config} → {run_dir}", file=sys.stderr)
     resume = ["--resume"] if ck.latest_checkpoint(run_dir) else []
     cli("pretrain", str(CONFIGS / f"{plan.config}.yaml"), *overrides, *resume)

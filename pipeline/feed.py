@@ -23,7 +23,7 @@ from multiprocessing import get_context
 from typing import Any, Iterator, Mapping, Optional
 
 from pipeline import storage
-from pipeline.batch import BatchMaker, FeedSpec
+from pipeline.batch import BatchMaker, FeedSpec, keep_freed_memory
 
 log = logging.getLogger(__name__)
 BACKENDS = ("ray", "local", "inline")
@@ -273,6 +273,7 @@ _LOCAL_MAKER: Optional[BatchMaker] = None
 
 def _local_init(spec: FeedSpec) -> None:
     global _LOCAL_MAKER
+    keep_freed_memory()  # a worker process that only makes batches
     _LOCAL_MAKER = BatchMaker(spec)
 
 

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional
 
 import ray
 
-from pipeline.batch import BatchMaker, FeedSpec
+from pipeline.batch import BatchMaker, FeedSpec, keep_freed_memory
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)
@@ -20,6 +20,7 @@ class ShardStream:
     """Makes micro-batches of one feed spec; holds shard indexes and plans in memory."""
 
     def __init__(self, spec: FeedSpec) -> None:
+        keep_freed_memory()  # the actor's process only makes batches
         self.maker = BatchMaker(spec)
 
     def batch(self, epoch: int, i: int) -> dict[str, Any]:

@@ -1,0 +1,30 @@
+"""`selfsup bench pipeline` end to end on a few real photos: every variant runs and the report is complete."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import PHOTOS, run_cli
+
+FIGURES = ("kernel", "selfsup", "dataloader", "ray_data", "torchvision_default")
+RATIOS = ("efficiency", "vs_dataloader", "vs_ray_data", "vs_torchvision_default")
+
+
+@pytest.mark.skipif(not PHOTOS.is_dir(), reason=f"real photos not found at {PHOTOS}")
+def test_bench_pipeline_image_json(tmp_path):
+    proc = run_cli("bench", "pipeline", "--modality", "image", "--streams", "1", "--samples", "32",
+                   "--batch-size", "8", "--size", "64", "--repeats", "1", "--json",
+                   "--data", str(PHOTOS), "--workdir", str(tmp_path / "bench"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)  # stdout holds the JSON object only; the table went to stderr
+    assert (result["modality"], result["streams"], result["samples"], result["size"]) == ("image", 1, 32, 64)
+    for key in FIGURES + RATIOS:
+        assert isinstance(result[key], float) and result[key] > 0, (key, result[key])
+    assert result["efficiency"] == pytest.approx(result["selfsup"] / result["kernel"])
+    assert result["vs_dataloader"] == pytest.approx(result["selfsup"] / result["dataloader"])
+    assert 0 <= result["stall_pct"] <= 100
+    assert set(result["floors"]) == set(RATIOS)
+    for floor in result["floors"].values():
+        assert floor["pass"] == (floor["value"] >= floor["floor"])
+    assert "efficiency" in proc.stderr and "samples/s" in proc.stderr

@@ -1,0 +1,54 @@
+"""Representation-quality bars (issue 8), end to end: `selfsup demo --quality` on the embedded default.
+
+Slow (each up to 20 minutes on 2 cores); run with `make test-slow`. Every bar is relative to the
+baselines the same evaluation computed: best pretrained checkpoint vs. raw inputs and random init.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from jobs.evaluate import read_results
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def best(rows, target, method, encoder):
+    vals = [r["accuracy"] for r in rows if r["target"] == target and r["method"] == method
+            and r["encoder"] == encoder]
+    assert vals, f"no {encoder}/{method}/{target} result"
+    return max(vals)
+
+
+def quality_run(modality, tmp_path):
+    t0 = time.time()
+    res = run_cli("demo", "--modality", modality, "--quality", "--out", str(tmp_path), timeout=1800)
+    minutes = (time.time() - t0) / 60
+    assert res.returncode == 0, res.stderr[-3000:]
+    print(res.stdout)
+    return read_results(str(tmp_path / f"quality_{modality}")).to_pylist(), minutes
+
+
+def test_video_motion_and_content(tmp_path):
+    rows, minutes = quality_run("video", tmp_path)
+    assert minutes <= 20.5
+    motion = best(rows, "motion", "linear", "pretrained")
+    assert motion >= 0.9 and motion >= best(rows, "motion", "linear", "random_init") + 0.10
+    assert best(rows, "cls", "linear", "pretrained") > best(rows, "cls", "linear", "random_init")
+
+
+def test_image_two_points_above_baselines(tmp_path):
+    rows, minutes = quality_run("image", tmp_path)
+    assert minutes <= 20.5
+    for method in ("knn", "linear"):
+        bar = max(best(rows, "cls", method, "raw"), best(rows, "cls", method, "random_init")) + 0.02
+        assert best(rows, "cls", method, "pretrained") >= bar, method
+
+
+def test_audio_held_out_speaker(tmp_path):
+    rows, minutes = quality_run("audio", tmp_path)
+    assert minutes <= 20.5
+    bar = max(best(rows, "cls", "linear", "raw"), best(rows, "cls", "linear", "random_init")) + 0.02
+    assert best(rows, "cls", "linear", "pretrained") >= bar
