@@ -34,3 +34,18 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def ensure_ray(address: Optional[str] = None, local_cpus: float = 4) -> None:
+    """Connect to --address / $RAY_ADDRESS, or start a local Ray with at least `local_cpus` logical CPUs."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(local_cpus + 0.999)), include_dashboard=False,
+             log_to_driver=False, configure_logging=False)

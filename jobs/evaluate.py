@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.common import add_storage_args, storage_options
+from jobs.common import add_storage_args, ensure_ray, storage_options
 from pipeline import storage
 
 METHODS = ("knn", "linear")
@@ -127,23 +127,6 @@ def parse_eval_sets(items: list[str], run_dir: str, opts: Optional[Mapping[str, 
     return out
 
 
-def ensure_ray(address: Optional[str]) -> None:
-    """Connect to the cluster, or start a local Ray."""
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
-
-
 def arch_key(meta: Mapping[str, Any]) -> str:
     """Architecture, its arguments, the seed and the eval view: what a baseline depends on."""
     seed = meta.get("config", {}).get("train", {}).get("seed", 0)
@@ -158,6 +141,7 @@ class EvalJob:
     def __init__(self, run_dir: str, sets: list[EvalSet], methods: list[str], target: str,
                  opts: Optional[Mapping[str, Any]], args: argparse.Namespace) -> None:
         self.run, self.sets, self.methods, self.target, self.opts, self.args = run_dir, sets, methods, target, opts, args
+        self._snapshots: dict[tuple, Any] = {}
 
     def watch(self, poll: float) -> int:
         """Evaluate every unevaluated complete checkpoint until the run ends."""
@@ -241,7 +225,10 @@ class EvalJob:
         from pipeline.snapshot import SourceSpec, build_snapshot
         from trainers.features import extract
 
-        snap = build_snapshot([SourceSpec(url, split)], meta.get("modality"), self.opts)
+        key = (url, split, meta.get("modality"))
+        if key not in self._snapshots:  # --watch evaluates many checkpoints against the same shards
+            self._snapshots[key] = build_snapshot([SourceSpec(url, split)], meta.get("modality"), self.opts)
+        snap = self._snapshots[key]
         spec = FeedSpec(snap, self.args.batch_size, dict(meta.get("modality_args", {})), train=False,
                         label=self.target, storage_options=self.opts)
         bar = tqdm(total=spec.plan(0).num_batches, unit="batch", desc=f"features {name}/{split}",

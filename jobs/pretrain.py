@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import threading
 import time
 from typing import Any, Optional
 
+from jobs.common import ensure_ray
 from pipeline import storage
 from pipeline.config import load_config, to_dict, to_yaml
 
@@ -108,21 +108,10 @@ def train_here(cfg: Any, resume_from: Optional[str], stop_after: Optional[int] =
     run_training(cfg, 0, 1, LocalReporter(cfg.run, cfg.storage or None), resume_from, stop_after)
 
 
-def ensure_ray(cfg: Any, address: Optional[str]) -> None:
-    """Connect to RAY_ADDRESS/--address, or start a local Ray sized for workers plus streams."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-        return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+def local_cpus(cfg: Any) -> float:
+    """Logical CPUs a local Ray needs for the workers and their streams."""
     s, d = cfg.scaling, cfg.data
-    needed = s.num_workers * (s.cpus_per_worker + (d.streams * d.stream_cpus if d.backend == "ray" else 0)) + 1
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
+    return s.num_workers * (s.cpus_per_worker + (d.streams * d.stream_cpus if d.backend == "ray" else 0)) + 1
 
 
 def train_on_ray(cfg: Any, resume_from: Optional[str], address: Optional[str],
@@ -133,7 +122,7 @@ def train_on_ray(cfg: Any, resume_from: Optional[str], address: Optional[str],
 
     from trainers.loop import train_loop_per_worker
 
-    ensure_ray(cfg, address)
+    ensure_ray(address, local_cpus(cfg))
     fs, path = storage.arrow_filesystem(cfg.run, cfg.storage or None)
     s = cfg.scaling
     trainer = TorchTrainer(

@@ -262,7 +262,8 @@ class Retrain:
 
     def evaluate(self, cfg: Any) -> dict[str, Any]:
         """Evaluate the run's last checkpoint; its accuracy and the random-init baseline."""
-        from jobs.evaluate import EvalJob, ensure_ray, parse_eval_sets
+        from jobs.common import ensure_ray
+        from jobs.evaluate import EvalJob, parse_eval_sets
         from trainers import checkpoint as ck
 
         r = cfg.retrain

@@ -6,6 +6,7 @@ stored in the snapshot too.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -53,17 +54,24 @@ class Snapshot:
     weights: tuple[tuple[str, Optional[float]], ...]
     modality: str
 
-    @property
+    @functools.cached_property
     def n_samples(self) -> int:
         return sum(s.n_samples for s in self.shards)
 
     def digest(self) -> str:
         """A short stable id of the snapshot's content."""
+        return self._digest
+
+    @functools.cached_property
+    def _digest(self) -> str:
         h = hashlib.blake2b(digest_size=8)
         for s in self.shards:
             h.update(f"{s.url}|{s.n_samples}|{s.sha256}|{s.source}\n".encode())
         h.update(json.dumps(self.weights).encode())
         return h.hexdigest()
+
+    def __hash__(self) -> int:  # computed once: plan_epoch's cache looks snapshots up on every batch
+        return hash(self._digest)
 
     def weight_of(self, source: str) -> Optional[float]:
         return dict(self.weights).get(source)

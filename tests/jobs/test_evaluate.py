@@ -67,16 +67,18 @@ def test_watch_evaluates_each_checkpoint_once_across_a_restart(trained, capsys):
 
 def test_ray_actors_give_the_same_accuracy(trained, ray_cluster, tmp_path):
     run, data = trained
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("eval", ck.EVALUATED))
     args = ["--eval-set", f"fm={data}", "--quiet", "--methods", "knn", "--no-baselines"]
-    assert main(["evaluate", str(copy), *args, "--workers", "2", "--worker-cpus", "0.5"]) == 0
-    assert main(["evaluate", str(copy), *args, "--no-ray"]) == 0  # same checkpoint: rows exist, nothing redone
-    ray_rows = rows(str(copy))
-    assert len(ray_rows) == 1
-    ref = [r for r in rows(run) if r["encoder"] == "pretrained" and r["method"] == "knn" and r["step"] == 4]
-    if ref:
-        assert ray_rows[0]["accuracy"] == pytest.approx(ref[0]["accuracy"], abs=1e-9)
+    copies = {}
+    for name, extra in (("ray", ["--workers", "2", "--worker-cpus", "0.5"]), ("local", ["--no-ray"])):
+        copies[name] = tmp_path / name
+        shutil.copytree(run, copies[name], ignore=shutil.ignore_patterns("eval", ck.EVALUATED))
+        assert main(["evaluate", str(copies[name]), *args, *extra]) == 0
+    # the same checkpoint again: its rows exist, nothing is redone
+    assert main(["evaluate", str(copies["ray"]), *args, "--no-ray"]) == 0
+    ray_rows, local_rows = rows(str(copies["ray"])), rows(str(copies["local"]))
+    assert len(ray_rows) == 1 and len(local_rows) == 1
+    assert ray_rows[0]["n_test"] == local_rows[0]["n_test"] == 200
+    assert ray_rows[0]["accuracy"] == pytest.approx(local_rows[0]["accuracy"], abs=1e-9)
 
 
 def test_bad_checkpoints_get_a_clear_error(trained, tmp_path, capsys):
