@@ -1,7 +1,7 @@
 """Images: decode JPEG/PNG/WebP with OpenCV, make SimCLR/BYOL views with OpenCV and LUTs.
 
-On one core, OpenCV-based two-view augmentation runs about ten times faster than
-torchvision.transforms.v2 on uint8 tensors (see `selfsup bench pipeline`), so every op here
+Per CPU-second, OpenCV-based decode + two views at 224 px made 301 samples against 47 for
+torchvision.transforms.v2 on uint8 tensors (`selfsup bench pipeline --modality image`), so every op here
 works on uint8 HxWxC numpy arrays. Views are uint8 [size, size, channels].
 """
 from __future__ import annotations
