@@ -29,7 +29,13 @@ class DemoPlan:
     targets: list[str] = field(default_factory=lambda: ["cls"])
     overrides: list[str] = field(default_factory=list)
     eval_minutes: float = 3.0        # reserved for evaluation inside --budget-minutes
+    more_sets: list[tuple[str, list[tuple[str, list[str]]]]] = field(default_factory=list)  # eval-only folders
 
+
+# FSDD's customary split, reported beside the held-out speaker: recordings 0-4 of every speaker are probe-test
+FSDD_CUSTOMARY = ("fsdd-customary", [
+    ("probe-train", ["--exclude", r"_[0-4]\.wav$", "--samples-per-shard", "1000"]),
+    ("probe-test", ["--include", r"_[0-4]\.wav$", "--samples-per-shard", "500"])])
 
 PLANS = {
     "image": DemoPlan("fashion-mnist", "fashion-mnist", "image", "simclr_image", [
@@ -39,7 +45,7 @@ PLANS = {
     "audio": DemoPlan("fsdd", "fsdd", "audio", "simclr_audio", [
         ("pretrain", ["--exclude", "_theo_", "--samples-per-shard", "500"]),
         ("probe-train", ["--exclude", "_theo_", "--samples-per-shard", "500"]),
-        ("probe-test", ["--include", "_theo_", "--samples-per-shard", "500"])]),
+        ("probe-test", ["--include", "_theo_", "--samples-per-shard", "500"])], more_sets=[FSDD_CUSTOMARY]),
     "video": DemoPlan("fashion-mnist", "moving-fashion-mnist", "video", "simclr_video", [
         ("pretrain", ["--source-type", "moving-fashion-mnist", "--subset", "train", "--limit", "4000",
                       "--samples-per-shard", "500"]),
@@ -56,7 +62,8 @@ QUALITY = {
         ("pretrain", ["--subset", "train", "--samples-per-shard", "10000"]),
         ("probe-train", ["--subset", "train", "--samples-per-shard", "10000"]),
         ("probe-test", ["--subset", "test", "--samples-per-shard", "10000"])], eval_minutes=5.0),
-    "audio": DemoPlan("fsdd", "fsdd", "audio", "quality/audio", PLANS["audio"].splits, eval_minutes=2.0),
+    "audio": DemoPlan("fsdd", "fsdd", "audio", "quality/audio", PLANS["audio"].splits, eval_minutes=2.0,
+                      more_sets=PLANS["audio"].more_sets),
     "video": DemoPlan("fashion-mnist", "moving-fashion-mnist", "video", "quality/video", PLANS["video"].splits,
                       targets=["motion", "cls"], eval_minutes=4.0),
 }
@@ -104,9 +111,14 @@ def run(args: argparse.Namespace) -> int:
         return 1
     t0 = time.time()
     data = f"{args.out}/data/{plan.folder}"
-    for split, extra in plan.splits:
-        print(f"== shards: {plan.folder} {split}", file=sys.stderr)
-        cli("shards", "write", str(source), data, "--modality", plan.modality, "--split", split, *extra)
+    eval_sets = [f"{plan.folder}={data}"]
+    for folder, splits in [(plan.folder, plan.splits), *plan.more_sets]:
+        for split, extra in splits:
+            print(f"== shards: {folder} {split}", file=sys.stderr)
+            cli("shards", "write", str(source), f"{args.out}/data/{folder}", "--modality", plan.modality,
+                "--split", split, *extra)
+        if folder != plan.folder:
+            eval_sets.append(f"{folder}={args.out}/data/{folder}")
     run_dir = f"{args.out}/{plan.config.replace('/', '_')}"
     overrides = [f"run={run_dir}", f"data.sources=[{{url: {data}, split: pretrain}}]", *plan.overrides]
     if budget:
@@ -122,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     for target in plan.targets:
         print(f"== evaluate: {run_dir} ({target})", file=sys.stderr)
         cli("evaluate", run_dir, "--watch", "--poll", "1", "--target", target,
-            "--eval-set", f"{plan.folder}={data}", "--quiet")
+            *[a for item in eval_sets for a in ("--eval-set", item)], "--quiet")
     print(f"\nselfsup demo ({args.modality}) done in {time.time() - t0:.0f} s; run folder {storage.redact_url(run_dir)}; "
           f"see `selfsup runs show {run_dir}`")
     return 0

@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"selfsup pretrain: failed: {storage.redact(str(e))[:2000]}", file=sys.stderr)
         return 1
     progress.stop()
-    return finish(cfg, stopped=last_metrics(cfg).get("step", cfg.train.steps) < cfg.train.steps)
+    last = last_metrics(cfg)  # a time-fitted schedule (train.time_schedule) ends at its horizon
+    return finish(cfg, stopped=last.get("step", cfg.train.steps) < (last.get("horizon") or cfg.train.steps))
 
 
 def prepare_run(cfg: Any, resume: bool) -> Optional[str]:

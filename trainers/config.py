@@ -79,6 +79,9 @@ class TrainConfig:
     keep_unevaluated: bool = True
     collapse_threshold: float = 0.05  # warn when the embedding spread falls below this
     time_limit_minutes: Optional[float] = None  # stop (checkpointed) once this much training time has passed
+    # with time_limit_minutes: fit the LR/EMA schedule to the time (it anneals fully when time is up;
+    # the run is finished there, `steps` becomes an upper bound) instead of being cut off mid-schedule
+    time_schedule: bool = False
     init_from: Optional[str] = None   # warm start: model weights of this checkpoint at step 0 (fresh optimizer/LR)
 
 

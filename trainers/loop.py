@@ -3,6 +3,9 @@
 Batches come from BatchFeed (never a torch DataLoader). Each optimizer step takes `accum`
 micro-batches; the learning rate is a pure function of the step, and the torch RNG is reseeded
 from (seed, step, rank) every step, so a resumed run repeats the uninterrupted one exactly.
+With `train.time_schedule` the schedule instead ends where the measured pace meets
+`train.time_limit_minutes` (budgeted training: a schedule that anneals fully within the budget
+beats a longer one cut off), so the learning rate then depends on the machine's speed.
 `run_training(cfg, rank, world, reporter)` is the same loop without Ray (the local reporter
 writes checkpoints straight to storage), for single machines and GPU checks.
 """
@@ -155,10 +158,11 @@ def _steps(cfg: PretrainConfig, rank: int, world: int, model: nn.Module, core: n
     t = cfg.train
     window = _Window(feed)
     last: dict[str, Any] = {}
-    started = time.monotonic()
+    started, first, asked = time.monotonic(), step, until
+    horizon = t.steps  # the step the schedule ends at: train.steps, or what fits in the time (time_schedule)
     while step < until:
         torch.manual_seed(stable_hash(t.seed, "step", step, rank) % (2**63))
-        set_lr(optimizer, lr_at(step, t.steps, t.lr, t.warmup_steps, t.min_lr))
+        set_lr(optimizer, lr_at(step, horizon, t.lr, t.warmup_steps, t.min_lr))
         for i in range(t.accum):
             out = _micro_step(model, feed.next(), device, cfg, sync=i == t.accum - 1)
             window.add(out, cfg.data.batch_size * world)
@@ -166,15 +170,25 @@ def _steps(cfg: PretrainConfig, rank: int, world: int, model: nn.Module, core: n
             nn.utils.clip_grad_norm_(core.parameters(), t.clip_grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        core.after_step(step + 1, t.steps)
+        core.after_step(step + 1, horizon)
         step += 1
-        if t.time_limit_minutes and step % t.log_every == 0 and _out_of_time(started, t.time_limit_minutes, world):
-            log.warning("train.time_limit_minutes=%s reached at step %d: stopping with a checkpoint",
-                        t.time_limit_minutes, step)
-            until = step
+        if t.time_limit_minutes and step % t.log_every == 0:
+            elapsed = _elapsed(started, world)
+            if elapsed > 60.0 * t.time_limit_minutes:
+                if t.time_schedule:  # the time is the schedule's end: finished here, not stopped
+                    horizon = step
+                else:
+                    log.warning("train.time_limit_minutes=%s reached at step %d: stopping with a checkpoint",
+                                t.time_limit_minutes, step)
+                until = step
+            elif t.time_schedule:
+                horizon = fitted_horizon(step, first, elapsed, 60.0 * t.time_limit_minutes, t.steps)
+                until = min(asked, horizon)  # the pace estimate moves both ways
         ckpt_now = step % t.ckpt_every == 0 or step == until
         if step % t.log_every == 0 or ckpt_now:
             last = window.metrics(step, optimizer.param_groups[0]["lr"], world, t.collapse_threshold)
+            if t.time_schedule and t.time_limit_minutes:
+                last["horizon"] = horizon
             if rank == 0:
                 _log_metrics(cfg, last)
         if ckpt_now:
@@ -184,13 +198,24 @@ def _steps(cfg: PretrainConfig, rank: int, world: int, model: nn.Module, core: n
     return last
 
 
-def _out_of_time(started: float, minutes: float, world: int) -> bool:
-    """Whether any rank has used up the time limit (all ranks agree, so they stop together)."""
-    flag = torch.tensor([float(time.monotonic() - started > 60.0 * minutes)])
+def _elapsed(started: float, world: int) -> float:
+    """Seconds since `started` on the slowest rank: every rank gets the same number, so ranks agree
+    on stopping and on the fitted schedule (different learning rates would split the DDP replicas)."""
+    took = torch.tensor([time.monotonic() - started], dtype=torch.float64)
     if world > 1 and torch.distributed.is_initialized():
-        flag = flag.to(_dist_device())
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item() > 0)
+        took = took.to(_dist_device())
+        torch.distributed.all_reduce(took, op=torch.distributed.ReduceOp.MAX)
+    return float(took.item())
+
+
+def fitted_horizon(step: int, first: int, elapsed: float, limit: float, steps: int) -> int:
+    """The step a time-fitted schedule ends at: where the pace so far reaches `limit` seconds.
+
+    `first` is the step this session started at, `elapsed` the seconds since. Never past
+    `steps`, never before the next step.
+    """
+    pace = elapsed / max(step - first, 1)  # seconds per step
+    return max(step + 1, min(steps, step + int((limit - elapsed) / pace)))
 
 
 class _Window:

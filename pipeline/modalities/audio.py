@@ -6,7 +6,15 @@ is dropped so T is round (1 s at hop 160 → 100, Audio-MAE's 10.24 s → 1024).
 
 Outputs (per sample):
 - `logmel` (BYOL-A / SimCLR): two independent crops of the clip, each with random gain and
-  noise, log-mel, normalized, then BYOL-A's random resize crop → view1, view2 float32 [F, T].
+  noise, log-mel, normalized, then per view either BYOL-A's random resize crop (`views="rrc"`)
+  or the speech chain (`views="speech"`) → view1, view2 float32 [F, T].
+
+The speech chain is for short, start-aligned utterances (spoken digits, keywords), where a random
+crop in time can cut the word away and leave two views of silence: it warps the frequency axis
+(vocal tract length perturbation, after Jaitly & Hinton 2013: another speaker's formants), stretches
+time (another speaker's tempo), delays the start a little, and masks frequency bands and time
+spans (SpecAugment, Park et al. 2019). Everything the views share is then the word, not the
+speaker — which is what a held-out-speaker probe asks for (docs/quality.md).
 - `spec` (Audio-MAE): one crop with gain and noise, log-mel, normalized → spec float32 [F, T].
 - `wave` (wav2vec 2.0): one crop with gain and noise → wave float32 [S], length int64 [].
 Eval takes the centre crop without augmentation: wave + length for `wave`, else spec.
@@ -40,6 +48,7 @@ from pipeline.modalities import MODALITIES
 from pipeline.modalities.base import DecodeError, Sample, media_member
 
 OUTPUTS = ("logmel", "spec", "wave")
+VIEWS = ("rrc", "speech")
 SOUNDFILE_EXTS = ("wav", "flac")
 LOG_EPS = 1e-6
 FSDD_LOGMEL_STATS = (-6.3, 4.9)  # mean, std of log(mel + 1e-6) over unpadded FSDD frames, defaults
@@ -209,6 +218,48 @@ def random_resize_crop(lms: np.ndarray, rng: np.random.Generator, virtual: tuple
     return cv2.resize(canvas[i: i + h, j: j + w], (t, f), interpolation=cv2.INTER_LINEAR)
 
 
+def fit_axis(x: np.ndarray, n: int, axis: int, fill: float) -> np.ndarray:
+    """Crop `x` to n along axis (keeping the start), or pad its end with `fill`."""
+    m = x.shape[axis]
+    if m >= n:
+        return x[:n] if axis == 0 else x[:, :n]
+    pad = [(0, 0), (0, 0)]
+    pad[axis] = (0, n - m)
+    return np.pad(x, pad, constant_values=fill)
+
+
+def speech_view(lms: np.ndarray, rng: np.random.Generator, warp_freq: float, stretch_time: float,
+                shift_frames: int, freq_masks: int, time_masks: int, mask_bins: int, mask_frames: int,
+                silence: float) -> np.ndarray:
+    """One view of a normalized log-mel [F, T] by the speech chain (module doc); float32 [F, T].
+
+    Frequency warp by a factor in 1 ± warp_freq (bins above F cut, missing ones silent), time
+    stretch by 1 ± stretch_time anchored at the start, a delay of 0..shift_frames silent frames,
+    then freq_masks bands of 0..mask_bins bins and time_masks spans of 0..mask_frames frames set
+    to 0 (the mean level after normalization).
+    """
+    f, t = lms.shape
+    x = lms
+    if warp_freq > 0:
+        nf = max(8, int(round(f * rng.uniform(1 - warp_freq, 1 + warp_freq))))
+        x = fit_axis(cv2.resize(x, (t, nf), interpolation=cv2.INTER_LINEAR), f, 0, silence)
+    if stretch_time > 0:
+        nt = max(8, int(round(t * rng.uniform(1 - stretch_time, 1 + stretch_time))))
+        x = fit_axis(cv2.resize(x, (nt, f), interpolation=cv2.INTER_LINEAR), t, 1, silence)
+    out = np.full((f, t), silence, np.float32)
+    k = int(rng.integers(0, shift_frames + 1)) if shift_frames > 0 else 0
+    out[:, k:] = x[:, : t - k]
+    for _ in range(freq_masks):
+        w = int(rng.integers(0, mask_bins + 1))
+        lo = int(rng.integers(0, f - w + 1))
+        out[lo: lo + w] = 0.0
+    for _ in range(time_masks):
+        w = int(rng.integers(0, mask_frames + 1))
+        lo = int(rng.integers(0, t - w + 1))
+        out[:, lo: lo + w] = 0.0
+    return out
+
+
 def normalize(lms: np.ndarray, stats: tuple[float, float] | None) -> np.ndarray:
     """(lms - mean) / std with fixed stats, or per-sample standardization when stats is None."""
     if stats is None:
@@ -228,9 +279,17 @@ class AudioModality:
                  f_min: float = 0.0, f_max: float | None = None, gain_db: float = 6.0, noise_std: float = 0.0,
                  rrc_scale: tuple[float, float] | None = (0.6, 1.5), rrc_virtual: tuple[float, float] = (1.0, 1.5),
                  norm_stats: tuple[float, float] | None = FSDD_LOGMEL_STATS, max_seconds: float = 60.0,
-                 max_bytes: int = 64_000_000) -> None:
+                 max_bytes: int = 64_000_000, views: str = "rrc", warp_freq: float = 0.25,
+                 stretch_time: float = 0.3, shift_frames: int = 20, freq_masks: int = 2, time_masks: int = 2,
+                 mask_bins: int = 8, mask_frames: int = 10) -> None:
         if output not in OUTPUTS:
             raise ValueError(f"audio output {output!r} unknown; valid: {', '.join(OUTPUTS)}")
+        if views not in VIEWS:
+            raise ValueError(f"audio views {views!r} unknown; valid: {', '.join(VIEWS)}")
+        if not (0 <= warp_freq < 1 and 0 <= stretch_time < 1):
+            raise ValueError(f"audio warp_freq={warp_freq}, stretch_time={stretch_time}: each must lie in [0, 1)")
+        if min(shift_frames, freq_masks, time_masks, mask_bins, mask_frames) < 0:
+            raise ValueError("audio shift_frames, freq_masks, time_masks, mask_bins, mask_frames must be >= 0")
         if sample_rate <= 0 or seconds <= 0 or hop_length <= 0 or n_mels <= 0:
             raise ValueError(f"audio sample_rate, seconds, hop_length, n_mels must be positive, got "
                              f"{sample_rate}, {seconds}, {hop_length}, {n_mels}")
@@ -245,6 +304,13 @@ class AudioModality:
         self.rrc_scale = None if rrc_scale is None else tuple(rrc_scale)
         self.rrc_virtual = tuple(rrc_virtual)
         self.norm_stats = None if norm_stats is None else (float(norm_stats[0]), float(norm_stats[1]))
+        self.views = views
+        self.speech = dict(warp_freq=float(warp_freq), stretch_time=float(stretch_time),
+                           shift_frames=int(shift_frames), freq_masks=int(freq_masks), time_masks=int(time_masks),
+                           mask_bins=int(mask_bins), mask_frames=int(mask_frames))
+        if self.speech["mask_bins"] > self.n_mels or self.speech["shift_frames"] >= self.frames:
+            raise ValueError(f"audio mask_bins={mask_bins} must be <= n_mels={n_mels} and shift_frames="
+                             f"{shift_frames} below the crop's {self.frames} frames")
         self.max_seconds, self.max_bytes = float(max_seconds), int(max_bytes)
         import torchaudio
 
@@ -284,7 +350,12 @@ class AudioModality:
             return {"spec": self.log_mel(wave[None])[0]}
         other, _ = self.crop(decoded, rng)
         views = self.log_mel(np.stack([wave, other]))  # [2, F, T]
-        if self.rrc_scale is not None:
+        if self.views == "speech":
+            # the level of digital silence (zero padding) after normalization; per view without fixed stats
+            level = float(normalize(np.float32(np.log(LOG_EPS)), self.norm_stats)) if self.norm_stats else None
+            views = [speech_view(v, rng, silence=float(v.min()) if level is None else level, **self.speech)
+                     for v in views]
+        elif self.rrc_scale is not None:
             views = [random_resize_crop(v, rng, self.rrc_virtual, self.rrc_scale, self.rrc_scale) for v in views]
         return {"view1": np.ascontiguousarray(views[0]), "view2": np.ascontiguousarray(views[1])}
 

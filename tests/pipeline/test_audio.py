@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import io
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import soundfile
 
 from pipeline.masking import conv_frames
 from pipeline.modalities import MODALITIES, DecodeError, make_modality
-from pipeline.modalities.audio import OUTPUTS, AudioModality, augment_wave, random_resize_crop
+from pipeline.modalities.audio import OUTPUTS, AudioModality, augment_wave, random_resize_crop, speech_view
 
 FSDD = "/work/shared/datasets/fsdd/recordings"
 WAV2VEC2_CONV = [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2
@@ -154,6 +155,47 @@ def test_random_resize_crop_matches_byol_a() -> None:
     assert out.shape == (64, 100)
     # the whole 1.5x-wide canvas is taken: the input is squeezed into the middle two thirds in time
     assert np.abs(out[:, :10]).max() < 1e-6 and np.abs(out[:, 40:60]).mean() > 0.3
+
+
+SPEECH_OFF = dict(warp_freq=0.0, stretch_time=0.0, shift_frames=0, freq_masks=0, time_masks=0, mask_bins=8,
+                  mask_frames=10)
+
+
+def test_speech_view_parts() -> None:
+    lms = np.random.default_rng(0).standard_normal((64, 100)).astype(np.float32)
+    assert np.array_equal(speech_view(lms, rng(0), silence=-1.5, **SPEECH_OFF), lms)
+    delayed = speech_view(lms, rng(1), silence=-1.5, **{**SPEECH_OFF, "shift_frames": 20})
+    k = int(np.argmax(~np.all(delayed == -1.5, axis=0)))  # first frame that is not silence
+    assert 0 < k <= 20 and np.array_equal(delayed[:, k:], lms[:, : 100 - k])
+    masked = speech_view(lms, rng(2), silence=-1.5, **{**SPEECH_OFF, "freq_masks": 3, "time_masks": 3})
+    changed = masked != lms
+    assert np.all(masked[changed] == 0.0) and changed.any()
+    # a frequency warp above 1 pushes the top bins out; below 1 leaves silent bins on top
+    ramp = np.repeat(np.linspace(-1, 1, 64, dtype=np.float32)[:, None], 100, axis=1)
+    for seed in range(6):
+        warped = speech_view(ramp, rng(seed), silence=-1.5, **{**SPEECH_OFF, "warp_freq": 0.25})
+        assert warped.shape == (64, 100) and warped[0, 0] == pytest.approx(-1.0, abs=0.05)
+        assert warped[-1, 0] == -1.5 or warped[-1, 0] >= 0.5
+    stretched = speech_view(lms, rng(3), silence=-1.5, **{**SPEECH_OFF, "stretch_time": 0.3})
+    assert stretched.shape == (64, 100) and not np.array_equal(stretched, lms)
+
+
+def test_speech_views_of_a_spoken_digit() -> None:
+    digit = Path(FSDD) / "3_jackson_0.wav"
+    m = AudioModality(views="speech", noise_std=0.0)
+    wave = m.decode({"wav": digit.read_bytes()})
+    s = m.sample(wave, rng(0), True)
+    assert s["view1"].shape == s["view2"].shape == (64, 100) and s["view1"].dtype == np.float32
+    assert not np.array_equal(s["view1"], s["view2"])
+    silence = (np.log(1e-6) + 6.3) / 4.9  # zero padding after the default normalization
+    for view in (s["view1"], s["view2"]):  # a 0.49 s clip, stretched ≤ 1.3x, delayed ≤ 0.2 s: 0.84 s at most
+        tail = view[:, 85:]
+        assert (np.isclose(tail, silence, atol=1e-3) | (tail == 0.0)).all()  # silent, or masked to the mean
+        assert not np.isclose(view[:, :40], silence, atol=1e-3).all()  # the digit is in there
+    with pytest.raises(ValueError, match="views 'crop' unknown; valid: rrc, speech"):
+        AudioModality(views="crop")
+    with pytest.raises(ValueError, match="warp_freq"):
+        AudioModality(views="speech", warp_freq=1.5)
 
 
 def test_gain_and_noise_leave_padding_silent() -> None:

@@ -15,10 +15,10 @@ from tests.conftest import run_cli
 pytestmark = pytest.mark.slow
 
 
-def best(rows, target, method, encoder):
+def best(rows, target, method, encoder, eval_set=None):
     vals = [r["accuracy"] for r in rows if r["target"] == target and r["method"] == method
-            and r["encoder"] == encoder]
-    assert vals, f"no {encoder}/{method}/{target} result"
+            and r["encoder"] == encoder and eval_set in (None, r["eval_set"])]
+    assert vals, f"no {encoder}/{method}/{target} result" + (f" on {eval_set}" if eval_set else "")
     return max(vals)
 
 
@@ -50,5 +50,6 @@ def test_image_two_points_above_baselines(tmp_path):
 def test_audio_held_out_speaker(tmp_path):
     rows, minutes = quality_run("audio", tmp_path)
     assert minutes <= 20.5
-    bar = max(best(rows, "cls", "linear", "raw"), best(rows, "cls", "linear", "random_init")) + 0.02
-    assert best(rows, "cls", "linear", "pretrained") >= bar
+    # the held-out-speaker set; fsdd-customary (recordings 0-4 of every speaker) is reported, not barred
+    bar = max(best(rows, "cls", "linear", "raw", "fsdd"), best(rows, "cls", "linear", "random_init", "fsdd")) + 0.02
+    assert best(rows, "cls", "linear", "pretrained", "fsdd") >= bar

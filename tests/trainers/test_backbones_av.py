@@ -103,6 +103,7 @@ def test_registered() -> None:
     [
         ("audio_cnn_small", {}, (3, 64, 96), 256),
         ("audio_cnn_small", {"n_mels": 40, "width": 8, "out_dim": 24}, (3, 40, 50), 24),
+        ("audio_cnn_small", {"width": 8, "out_dim": 24, "pool": "cat"}, (3, 64, 50), 48),
         ("video_cnn_small", {}, (2, 3, 16, 64, 64), 128),
         ("video_cnn_small", {"in_channels": 1, "width": 4, "out_dim": 10}, (2, 1, 6, 20, 28), 10),
     ],
@@ -127,6 +128,18 @@ def test_audio_accepts_channel_axis_and_rejects_wrong_mels() -> None:
         model(torch.randn(2, 80, 40))
     with pytest.raises(ValueError, match="n_mels"):
         make_backbone("audio_cnn_small", n_mels=4)
+    with pytest.raises(ValueError, match="pool='avg' unknown; valid: sum, cat"):
+        make_backbone("audio_cnn_small", pool="avg")
+
+
+def test_audio_cat_pool_holds_max_and_mean_side_by_side() -> None:
+    torch.manual_seed(0)
+    summed = make_backbone("audio_cnn_small", width=8, out_dim=16).eval()
+    torch.manual_seed(0)
+    cat = make_backbone("audio_cnn_small", width=8, out_dim=16, pool="cat").eval()
+    spec = torch.randn(2, 64, 40)
+    both = cat(spec)  # same weights: [max, mean] must add up to the summed embedding
+    assert both.shape == (2, 32) and torch.allclose(both[:, :16] + both[:, 16:], summed(spec), atol=1e-6)
 
 
 def test_video_rejects_channels_last() -> None:

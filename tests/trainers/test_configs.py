@@ -19,7 +19,7 @@ from tests.conftest import FMNIST, FSDD, ROOT
 from trainers import checkpoint as ck
 from trainers import load_encoder
 from trainers.config import PretrainConfig, validate
-from trainers.loop import build_objective
+from trainers.loop import build_objective, fitted_horizon
 
 CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
 DEMO_DATA = {"image": "fashion-mnist", "audio": "fsdd", "video": "moving-fashion-mnist"}
@@ -136,3 +136,43 @@ def test_gpu_scale_overrides_in_the_comment_build(path: Path) -> None:
         grid = modality.token_grid(spec["geometry"])
         expected = getattr(objective.backbone, "grid", None)
         assert expected is None or tuple(grid) == tuple(expected), (grid, expected)
+
+
+def test_fitted_horizon_follows_the_pace() -> None:
+    # 100 steps in 50 s of a 200 s budget: 300 more steps fit
+    assert fitted_horizon(step=100, first=0, elapsed=50.0, limit=200.0, steps=10_000) == 400
+    assert fitted_horizon(step=100, first=0, elapsed=50.0, limit=200.0, steps=250) == 250  # capped by steps
+    assert fitted_horizon(step=150, first=100, elapsed=50.0, limit=200.0, steps=10_000) == 300  # resumed at 100
+    assert fitted_horizon(step=100, first=0, elapsed=199.9, limit=200.0, steps=10_000) == 101  # never behind
+
+
+def test_time_schedule_anneals_within_the_time_limit(shards: Callable[[str], str], tmp_path: Path) -> None:
+    path = ROOT / "jobs" / "configs" / "simclr_image.yaml"
+    cfg = validate(load_config(PretrainConfig, str(path)))
+    run = str(tmp_path / "run")
+    args = [f"run={run}", f"data.sources=[{{url: {shards('image')}, split: pretrain}}]", *small_overrides(cfg),
+            "train.steps=1000000", "train.log_every=2", "train.ckpt_every=1000000", "train.warmup_steps=2",
+            "train.time_limit_minutes=0.05", "train.time_schedule=true"]
+    assert main(["pretrain", str(path), *args, "--no-ray", "--quiet"]) == 0
+    lines = metrics(run)
+    last = lines[-1]
+    assert 10 < last["step"] == last["horizon"] < 1_000_000, last  # ended by the time, at its own horizon
+    assert last["lr"] < 0.1 * cfg.train.lr  # annealed, not cut off at the peak
+    assert max(m["lr"] for m in lines) > 0.5 * cfg.train.lr
+    status = json.loads(storage.read_text(storage.join(run, "status.json")))
+    assert status["state"] == "finished" and status["step"] == last["step"]
+    assert [s for s, _ in ck.list_checkpoints(run)] == [last["step"]]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "jobs" / "configs" / "quality").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_quality_config_builds(path: Path) -> None:
+    """The tuned recipes `selfsup demo --quality` trains (their bars run in tests/quality) validate,
+    and their objective and modality build; every one fits its schedule to the demo's time budget."""
+    cfg = validate(load_config(PretrainConfig, str(path)))
+    assert cfg.run == f"runs/quality_{path.stem}" and cfg.data.modality == path.stem
+    assert cfg.train.time_schedule or path.stem == "video"
+    with torch.device("meta"):
+        objective = build_objective(cfg)
+    assert objective.encoder().out_dim > 0
+    make_modality(cfg.data.modality, **cfg.data.modality_args)
