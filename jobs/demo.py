@@ -61,8 +61,8 @@ QUALITY = {
     "image": DemoPlan("fashion-mnist", "fashion-mnist-full", "image", "quality/image", [
         ("pretrain", ["--subset", "train", "--samples-per-shard", "10000"]),
         ("probe-train", ["--subset", "train", "--samples-per-shard", "10000"]),
-        ("probe-test", ["--subset", "test", "--samples-per-shard", "10000"])], eval_minutes=5.0),
-    "audio": DemoPlan("fsdd", "fsdd", "audio", "quality/audio", PLANS["audio"].splits, eval_minutes=2.0,
+        ("probe-test", ["--subset", "test", "--samples-per-shard", "10000"])], eval_minutes=7.0),
+    "audio": DemoPlan("fsdd", "fsdd", "audio", "quality/audio", PLANS["audio"].splits, eval_minutes=3.5,
                       more_sets=PLANS["audio"].more_sets),
     "video": DemoPlan("fashion-mnist", "moving-fashion-mnist", "video", "quality/video", PLANS["video"].splits,
                       targets=["motion", "cls"], eval_minutes=4.0),

@@ -212,10 +212,10 @@ def fitted_horizon(step: int, first: int, elapsed: float, limit: float, steps: i
     """The step a time-fitted schedule ends at: where the pace so far reaches `limit` seconds.
 
     `first` is the step this session started at, `elapsed` the seconds since. Never past
-    `steps`, never before the next step.
+    `steps`; before it, never before the next step (time is left, so the schedule goes on).
     """
     pace = elapsed / max(step - first, 1)  # seconds per step
-    return max(step + 1, min(steps, step + int((limit - elapsed) / pace)))
+    return min(steps, max(step + 1, step + int((limit - elapsed) / pace)))
 
 
 class _Window:

@@ -13,8 +13,10 @@ The speech chain is for short, start-aligned utterances (spoken digits, keywords
 crop in time can cut the word away and leave two views of silence: it warps the frequency axis
 (vocal tract length perturbation, after Jaitly & Hinton 2013: another speaker's formants), stretches
 time (another speaker's tempo), delays the start a little, and masks frequency bands and time
-spans (SpecAugment, Park et al. 2019). Everything the views share is then the word, not the
-speaker — which is what a held-out-speaker probe asks for (docs/quality.md).
+spans (SpecAugment, Park et al. 2019), and with `tilt` colours the spectrum (a random tilt and bow
+across the mel axis: another microphone, room or voice quality). Everything the views share is
+then the word, not the speaker or the recording — which is what a held-out-speaker probe asks for
+(docs/quality.md).
 - `spec` (Audio-MAE): one crop with gain and noise, log-mel, normalized → spec float32 [F, T].
 - `wave` (wav2vec 2.0): one crop with gain and noise → wave float32 [S], length int64 [].
 Eval takes the centre crop without augmentation: wave + length for `wave`, else spec.
@@ -230,13 +232,14 @@ def fit_axis(x: np.ndarray, n: int, axis: int, fill: float) -> np.ndarray:
 
 def speech_view(lms: np.ndarray, rng: np.random.Generator, warp_freq: float, stretch_time: float,
                 shift_frames: int, freq_masks: int, time_masks: int, mask_bins: int, mask_frames: int,
-                silence: float) -> np.ndarray:
+                silence: float, tilt: float = 0.0) -> np.ndarray:
     """One view of a normalized log-mel [F, T] by the speech chain (module doc); float32 [F, T].
 
     Frequency warp by a factor in 1 ± warp_freq (bins above F cut, missing ones silent), time
     stretch by 1 ± stretch_time anchored at the start, a delay of 0..shift_frames silent frames,
-    then freq_masks bands of 0..mask_bins bins and time_masks spans of 0..mask_frames frames set
-    to 0 (the mean level after normalization).
+    a spectral colour (a tilt a·u and a bow b·(u² − 1/3) over u = −1..1 across the mel bins, a and b
+    uniform in ±tilt, in normalized log-mel units), then freq_masks bands of 0..mask_bins bins and
+    time_masks spans of 0..mask_frames frames set to 0 (the mean level after normalization).
     """
     f, t = lms.shape
     x = lms
@@ -249,6 +252,10 @@ def speech_view(lms: np.ndarray, rng: np.random.Generator, warp_freq: float, str
     out = np.full((f, t), silence, np.float32)
     k = int(rng.integers(0, shift_frames + 1)) if shift_frames > 0 else 0
     out[:, k:] = x[:, : t - k]
+    if tilt > 0:
+        u = np.linspace(-1.0, 1.0, f, dtype=np.float32)[:, None]
+        a, b = rng.uniform(-tilt, tilt, 2)
+        out += np.float32(a) * u + np.float32(b) * (u * u - np.float32(1 / 3))
     for _ in range(freq_masks):
         w = int(rng.integers(0, mask_bins + 1))
         lo = int(rng.integers(0, f - w + 1))
@@ -281,15 +288,15 @@ class AudioModality:
                  norm_stats: tuple[float, float] | None = FSDD_LOGMEL_STATS, max_seconds: float = 60.0,
                  max_bytes: int = 64_000_000, views: str = "rrc", warp_freq: float = 0.25,
                  stretch_time: float = 0.3, shift_frames: int = 20, freq_masks: int = 2, time_masks: int = 2,
-                 mask_bins: int = 8, mask_frames: int = 10) -> None:
+                 mask_bins: int = 8, mask_frames: int = 10, tilt: float = 0.0) -> None:
         if output not in OUTPUTS:
             raise ValueError(f"audio output {output!r} unknown; valid: {', '.join(OUTPUTS)}")
         if views not in VIEWS:
             raise ValueError(f"audio views {views!r} unknown; valid: {', '.join(VIEWS)}")
         if not (0 <= warp_freq < 1 and 0 <= stretch_time < 1):
             raise ValueError(f"audio warp_freq={warp_freq}, stretch_time={stretch_time}: each must lie in [0, 1)")
-        if min(shift_frames, freq_masks, time_masks, mask_bins, mask_frames) < 0:
-            raise ValueError("audio shift_frames, freq_masks, time_masks, mask_bins, mask_frames must be >= 0")
+        if min(shift_frames, freq_masks, time_masks, mask_bins, mask_frames, tilt) < 0:
+            raise ValueError("audio shift_frames, freq_masks, time_masks, mask_bins, mask_frames, tilt must be >= 0")
         if sample_rate <= 0 or seconds <= 0 or hop_length <= 0 or n_mels <= 0:
             raise ValueError(f"audio sample_rate, seconds, hop_length, n_mels must be positive, got "
                              f"{sample_rate}, {seconds}, {hop_length}, {n_mels}")
@@ -307,7 +314,7 @@ class AudioModality:
         self.views = views
         self.speech = dict(warp_freq=float(warp_freq), stretch_time=float(stretch_time),
                            shift_frames=int(shift_frames), freq_masks=int(freq_masks), time_masks=int(time_masks),
-                           mask_bins=int(mask_bins), mask_frames=int(mask_frames))
+                           mask_bins=int(mask_bins), mask_frames=int(mask_frames), tilt=float(tilt))
         if self.speech["mask_bins"] > self.n_mels or self.speech["shift_frames"] >= self.frames:
             raise ValueError(f"audio mask_bins={mask_bins} must be <= n_mels={n_mels} and shift_frames="
                              f"{shift_frames} below the crop's {self.frames} frames")

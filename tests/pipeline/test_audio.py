@@ -178,6 +178,14 @@ def test_speech_view_parts() -> None:
         assert warped[-1, 0] == -1.5 or warped[-1, 0] >= 0.5
     stretched = speech_view(lms, rng(3), silence=-1.5, **{**SPEECH_OFF, "stretch_time": 0.3})
     assert stretched.shape == (64, 100) and not np.array_equal(stretched, lms)
+    # the spectral colour adds one smooth curve over the mel axis to every frame, within ±2·tilt
+    coloured = speech_view(lms, rng(4), silence=-1.5, **{**SPEECH_OFF, "tilt": 1.0})
+    curve = coloured - lms
+    assert np.allclose(curve, curve[:, :1], atol=1e-5) and 0 < np.abs(curve).max() <= 2.0
+    second = np.diff(curve[:, 0], 2)  # a tilt plus a bow: a parabola, constant second difference
+    assert np.allclose(second, second[0], atol=1e-5)
+    with pytest.raises(ValueError, match="tilt must be >= 0"):
+        AudioModality(views="speech", tilt=-1.0)
 
 
 def test_speech_views_of_a_spoken_digit() -> None:

@@ -46,6 +46,30 @@ def test_cnn_and_resnet_shapes() -> None:
         make_backbone("convnet_small")(torch.randn(2, 28, 28))
 
 
+def test_convnet_small_first_stride_keeps_resolution() -> None:
+    x = torch.randn(2, 1, 28, 28)
+    for stride, side in ((2, 2), (1, 4)):  # 28 px ends at 2 × 2 with four stride-2 stages, 4 × 4 with three
+        m = make_backbone("convnet_small", in_channels=1, width=8, first_stride=stride).eval()
+        with torch.no_grad():
+            assert m.features(x).shape == (2, 64, side, side) and m(x).shape == (2, 64)
+    with pytest.raises(ValueError, match="first_stride=3; give 1 or 2"):
+        make_backbone("convnet_small", first_stride=3)
+
+
+def test_convnet_small_pools() -> None:
+    x = torch.randn(3, 1, 28, 28)
+    for pool in ("mean", "max", "cat", "grid"):
+        m = make_backbone("convnet_small", in_channels=1, width=8, pool=pool).eval()
+        with torch.no_grad():
+            h, out = m.features(x), m(x)
+        want = {"mean": h.mean(dim=(2, 3)), "max": h.amax(dim=(2, 3)),
+                "cat": torch.cat([h.amax(dim=(2, 3)), h.mean(dim=(2, 3))], 1), "grid": h.flatten(1)}[pool]
+        assert h.shape[2:] == (2, 2) and m.out_dim == out.shape[1] == {"cat": 128, "grid": 256}.get(pool, 64)
+        torch.testing.assert_close(out, want)
+    with pytest.raises(ValueError, match="pool='sum' unknown; valid: mean, max, cat, grid"):
+        make_backbone("convnet_small", pool="sum")
+
+
 def test_vit_sizes_and_standard_vit_base() -> None:
     dims = {"vit_micro": 128, "vit_tiny": 192, "vit_small": 384, "vit_base": 768}
     for name, dim in dims.items():

@@ -144,6 +144,8 @@ def test_fitted_horizon_follows_the_pace() -> None:
     assert fitted_horizon(step=100, first=0, elapsed=50.0, limit=200.0, steps=250) == 250  # capped by steps
     assert fitted_horizon(step=150, first=100, elapsed=50.0, limit=200.0, steps=10_000) == 300  # resumed at 100
     assert fitted_horizon(step=100, first=0, elapsed=199.9, limit=200.0, steps=10_000) == 101  # never behind
+    # at train.steps with time to spare the schedule ends there (finished, not stopped one step short)
+    assert fitted_horizon(step=400, first=0, elapsed=50.0, limit=200.0, steps=400) == 400
 
 
 def test_time_schedule_anneals_within_the_time_limit(shards: Callable[[str], str], tmp_path: Path) -> None:
