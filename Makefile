@@ -18,7 +18,7 @@ $(STAMP): constraints.txt pyproject.toml
 setup: $(STAMP)
 
 data: $(STAMP)
-	@$(VENV)/bin/python -m jobs.data --install-missing
+	@$(VENV)/bin/python -m selfsup.jobs.data --install-missing
 
 demo: data
 	$(SELFSUP) demo $(DEMO_ARGS)

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from jobs.data import find_dataset, missing_line
+from selfsup.jobs.data import find_dataset, missing_line
 
 VARIANTS = ("kernel", "selfsup", "dataloader", "ray_data", "torchvision_default")
 SHARDS = 16  # shards per benchmark dataset (rounded up to a multiple of the streams)
@@ -116,7 +116,7 @@ def stage_sources(files: list[Path], stage: Path, copies: int) -> Path:
 
 def reencoded(path: Path, folder: Path) -> Path:
     """`path` as constant-rate H.264 MP4 with short GOPs (what `shards write --reencode` makes), cached."""
-    from pipeline.modalities.video import reencode_mp4
+    from selfsup.pipeline.modalities.video import reencode_mp4
 
     out = folder / (path.stem + ".mp4")
     if not out.exists():
@@ -130,14 +130,14 @@ def reencoded(path: Path, folder: Path) -> Path:
 
 def media_files(src: Path, modality: str) -> list[Path]:
     """Media files of `modality` directly in `src`, sorted."""
-    from pipeline.sources import EXTENSIONS
+    from selfsup.pipeline.sources import EXTENSIONS
 
     return sorted(p for p in src.iterdir() if p.suffix.lower().lstrip(".") in EXTENSIONS[modality])
 
 
 def prepare_shards(modality: str, src: Path, workdir: Path, samples: int, shards: int) -> str:
     """Write (once) `samples` samples of `src` into `shards` equal shards under workdir; returns the URL."""
-    from jobs.cli import main
+    from selfsup.jobs.cli import main
 
     files = media_files(src, modality)
     if not files:
@@ -159,7 +159,7 @@ def prepare_shards(modality: str, src: Path, workdir: Path, samples: int, shards
 
 
 def source_folder(modality: str, data: Optional[str]) -> Path:
-    """The real-data folder for `modality`: --data itself, or the dataset found by jobs.data."""
+    """The real-data folder for `modality`: --data itself, or the dataset found by selfsup.jobs.data."""
     if data and Path(data).is_dir() and media_files(Path(data), modality):
         return Path(data)
     found = find_dataset(SETUPS[modality].dataset, data)
@@ -182,7 +182,7 @@ def modality_args(modality: str, size: Optional[int], recipe: str) -> dict[str, 
 
 def run_kernel(spec: Any, clock: Any) -> tuple[int, dict[str, float]]:
     """decode + views of every sample in this process; bytes are read before the clock starts."""
-    from pipeline.batch import BatchMaker
+    from selfsup.pipeline.batch import BatchMaker
 
     maker = BatchMaker(spec)
     rows = [(s, key, members) for s, ref in enumerate(spec.snapshot.shards)
@@ -202,8 +202,8 @@ def run_selfsup(spec: Any, streams: int, prefetch: int, clock: Any) -> tuple[int
     """
     import ray
 
-    from jobs.bench_loaders import wait_cpus_free
-    from pipeline.feed import BatchFeed
+    from selfsup.jobs.bench_loaders import wait_cpus_free
+    from selfsup.pipeline.feed import BatchFeed
 
     wait_cpus_free(streams)
     feed = BatchFeed(spec, streams=streams, prefetch=prefetch, backend="ray", stream_cpus=1.0)
@@ -221,7 +221,7 @@ def run_selfsup(spec: Any, streams: int, prefetch: int, clock: Any) -> tuple[int
 
 def variant_runners(args: argparse.Namespace, spec: Any, paths: list[str]) -> dict[str, Callable[[Any], tuple]]:
     """name → a function making one run timed by the RunClock it is given: (samples, extra figures)."""
-    from jobs import bench_loaders as L
+    from selfsup.jobs import bench_loaders as L
 
     mod_args = dict(spec.modality_args)
     transform = L.ModalityTransform(spec.snapshot.modality, mod_args, spec.seed)
@@ -310,7 +310,7 @@ def table(result: dict[str, Any]) -> str:
 def measure(order: list[str], runners: dict[str, Callable[[Any], tuple]], repeats: int
             ) -> tuple[dict[str, list[float]], dict[str, list[dict]]]:
     """Run the variants in turn, `repeats` rounds; samples/s and extra figures per variant and run."""
-    from jobs.bench_loaders import RunClock
+    from selfsup.jobs.bench_loaders import RunClock
 
     rates: dict[str, list[float]] = {}
     extras: dict[str, list[dict]] = {}
@@ -351,10 +351,10 @@ def run(args: argparse.Namespace) -> int:
 
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
-    from jobs import bench_loaders as L
-    from pipeline import storage
-    from pipeline.batch import FeedSpec
-    from pipeline.snapshot import SourceSpec, build_snapshot
+    from selfsup.jobs import bench_loaders as L
+    from selfsup.pipeline import storage
+    from selfsup.pipeline.batch import FeedSpec
+    from selfsup.pipeline.snapshot import SourceSpec, build_snapshot
 
     shards = args.streams * math.ceil(SHARDS / args.streams)
     url = prepare_shards(args.modality, source_folder(args.modality, args.data), workdir, samples, shards)

@@ -22,8 +22,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
 
-from pipeline.modalities import Modality, make_modality
-from pipeline.seeding import sample_rng
+from selfsup.pipeline.modalities import Modality, make_modality
+from selfsup.pipeline.seeding import sample_rng
 
 
 def one_thread(_: Any = None) -> None:
@@ -249,7 +249,7 @@ class AudioTorchDefault:
         x, rate = soundfile.read(io.BytesIO(_media(sample, ("wav", "flac"))), dtype="float32", always_2d=True)
         wave = torch.from_numpy(x.mean(axis=1))
         if rate != m.sample_rate:
-            from pipeline.modalities.audio import resampler
+            from selfsup.pipeline.modalities.audio import resampler
 
             wave = resampler(rate, m.sample_rate)(wave)
         views = [self.view(m, wave) for _ in range(2)]

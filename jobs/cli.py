@@ -10,15 +10,15 @@ from typing import Optional, Sequence
 
 # subcommand → module in jobs/ exposing add_parser(subparsers) and run(args) -> int
 COMMANDS = {
-    "shards": "jobs.shards_cmd",
-    "pretrain": "jobs.pretrain",
-    "evaluate": "jobs.evaluate",
-    "runs": "jobs.runs",
-    "demo": "jobs.demo",
-    "bench": "jobs.bench",
-    "submit": "jobs.submit",
-    "jobs": "jobs.jobs_cmd",
-    "retrain": "jobs.retrain",
+    "shards": "selfsup.jobs.shards_cmd",
+    "pretrain": "selfsup.jobs.pretrain",
+    "evaluate": "selfsup.jobs.evaluate",
+    "runs": "selfsup.jobs.runs",
+    "demo": "selfsup.jobs.demo",
+    "bench": "selfsup.jobs.bench",
+    "submit": "selfsup.jobs.submit",
+    "jobs": "selfsup.jobs.jobs_cmd",
+    "retrain": "selfsup.jobs.retrain",
 }
 
 

@@ -79,7 +79,7 @@ def install_missing() -> None:
 
 
 def main() -> None:
-    """`python -m jobs.data [--install-missing]`: say which demo datasets were found."""
+    """`python -m selfsup.jobs.data [--install-missing]`: say which demo datasets were found."""
     import sys
 
     if "--install-missing" in sys.argv:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.data import find_dataset, missing_line
+from selfsup.jobs.data import find_dataset, missing_line
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -21,7 +21,7 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 class DemoPlan:
     """What one modality's demo writes, trains and evaluates."""
 
-    dataset: str                     # jobs.data name
+    dataset: str                     # selfsup.jobs.data name
     folder: str                      # under OUT/data/
     modality: str
     config: str                      # jobs/configs/<config>.yaml
@@ -91,7 +91,7 @@ def add_parser(sub: Any) -> None:
 
 def cli(*argv: str) -> None:
     """Run a `selfsup` subcommand in this process; stop on failure."""
-    from jobs.cli import main
+    from selfsup.jobs.cli import main
 
     code = main(list(argv))
     if code:
@@ -100,8 +100,8 @@ def cli(*argv: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Shards, pretraining, evaluation; ends with the accuracy table and plot paths."""
-    from pipeline import storage
-    from trainers import checkpoint as ck
+    from selfsup.pipeline import storage
+    from selfsup.trainers import checkpoint as ck
 
     plan = (QUALITY if args.quality else PLANS)[args.modality]
     budget = args.budget_minutes or (20.0 if args.quality else None)

@@ -20,8 +20,8 @@ from typing import Any, Mapping, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.common import add_storage_args, ensure_ray, storage_options
-from pipeline import storage
+from selfsup.jobs.common import add_storage_args, ensure_ray, storage_options
+from selfsup.pipeline import storage
 
 METHODS = ("knn", "linear")
 RESULTS = "eval/results.parquet"
@@ -68,7 +68,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate one checkpoint, or watch a run."""
-    from trainers import checkpoint as ck
+    from selfsup.trainers import checkpoint as ck
 
     opts = storage_options(args)
     args.path = storage.full_url(args.path)  # actors run in other folders
@@ -112,8 +112,8 @@ def parse_eval_sets(items: list[str], run_dir: str, opts: Optional[Mapping[str, 
         out.append(EvalSet(name, storage.full_url(train), storage.full_url(test or train)))
     if out:
         return out
-    from pipeline import manifest
-    from pipeline.snapshot import load_snapshot
+    from selfsup.pipeline import manifest
+    from selfsup.pipeline.snapshot import load_snapshot
 
     snap = load_snapshot(run_dir, opts)
     roots = sorted({s.url.rsplit("/", 1)[0] for s in snap.shards})
@@ -145,7 +145,7 @@ class EvalJob:
 
     def watch(self, poll: float) -> int:
         """Evaluate every unevaluated complete checkpoint until the run ends."""
-        from trainers import checkpoint as ck
+        from selfsup.trainers import checkpoint as ck
 
         while True:
             state = self.run_state()
@@ -166,7 +166,7 @@ class EvalJob:
 
     def evaluate(self, ckpt: str) -> None:
         """All eval sets and methods for one checkpoint; then its marker."""
-        from trainers import checkpoint as ck
+        from selfsup.trainers import checkpoint as ck
 
         meta = ck.read_meta(ckpt, self.opts)
         done = existing_rows(self.run, self.opts)
@@ -181,7 +181,7 @@ class EvalJob:
         return [f"{e.name}/{self.target}/{m}" for e in self.sets for m in self.methods]
 
     def evaluate_set(self, ckpt: str, meta: Mapping[str, Any], es: EvalSet, done: set) -> None:
-        from trainers.probes import knn_accuracy, linear_probe_accuracy
+        from selfsup.trainers.probes import knn_accuracy, linear_probe_accuracy
 
         arch = arch_key(meta)
         wanted: dict[str, dict[str, Any]] = {}
@@ -221,9 +221,9 @@ class EvalJob:
                  name: str) -> dict[str, Any]:
         from tqdm import tqdm
 
-        from pipeline.batch import FeedSpec
-        from pipeline.snapshot import SourceSpec, build_snapshot
-        from trainers.features import extract
+        from selfsup.pipeline.batch import FeedSpec
+        from selfsup.pipeline.snapshot import SourceSpec, build_snapshot
+        from selfsup.trainers.features import extract
 
         key = (url, split, meta.get("modality"))
         if key not in self._snapshots:  # --watch evaluates many checkpoints against the same shards
@@ -244,7 +244,7 @@ class EvalJob:
 
     def finish(self) -> None:
         """Plots and the table."""
-        from jobs.report import print_table, write_plots
+        from selfsup.jobs.report import print_table, write_plots
 
         paths = write_plots(self.run, self.opts)
         print_table(self.run, self.opts)
@@ -254,7 +254,7 @@ class EvalJob:
 
 def marked(ckpt: str, opts: Optional[Mapping[str, Any]] = None) -> list[str]:
     """The eval_set/target/method entries a checkpoint's marker lists ([] when unmarked)."""
-    from trainers import checkpoint as ck
+    from selfsup.trainers import checkpoint as ck
 
     url = storage.join(ckpt, ck.EVALUATED)
     if not storage.exists(url, opts):

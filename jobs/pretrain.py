@@ -14,9 +14,9 @@ import threading
 import time
 from typing import Any, Optional
 
-from jobs.common import ensure_ray
-from pipeline import storage
-from pipeline.config import load_config, to_dict, to_yaml
+from selfsup.jobs.common import ensure_ray
+from selfsup.pipeline import storage
+from selfsup.pipeline.config import load_config, to_dict, to_yaml
 
 
 def add_parser(sub: Any) -> None:
@@ -43,7 +43,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load and check the config, prepare the run folder, train, report."""
-    from trainers.config import PretrainConfig, validate
+    from selfsup.trainers.config import PretrainConfig, validate
 
     cfg = validate(load_config(PretrainConfig, args.config, args.overrides))
     cfg = dataclasses.replace(cfg, run=storage.full_url(cfg.run))  # workers run in other folders
@@ -73,10 +73,10 @@ def run(args: argparse.Namespace) -> int:
 
 def prepare_run(cfg: Any, resume: bool) -> Optional[str]:
     """Snapshot the data, write config.yaml and status; returns the checkpoint to resume from."""
-    from pipeline.snapshot import SourceSpec, snapshot_for_run
-    from trainers import checkpoint as ck
+    from selfsup.pipeline.snapshot import SourceSpec, snapshot_for_run
+    from selfsup.trainers import checkpoint as ck
 
-    opts = cfg.storage or None
+    opts = cfg.storage_options
     storage.check_writable(cfg.run, opts)
     latest = ck.latest_checkpoint(cfg.run, opts)
     if latest and not resume:
@@ -98,15 +98,15 @@ def prepare_run(cfg: Any, resume: bool) -> Optional[str]:
 def set_status(cfg: Any, state: str, **fields: Any) -> None:
     """Write `<run>/status.json`."""
     body = {"state": state, "steps": cfg.train.steps, "updated": time.time(), **fields}
-    storage.write_text(storage.join(cfg.run, "status.json"), json.dumps(body), cfg.storage or None)
+    storage.write_text(storage.join(cfg.run, "status.json"), json.dumps(body), cfg.storage_options)
 
 
 def train_here(cfg: Any, resume_from: Optional[str], stop_after: Optional[int] = None) -> None:
     """The loop in this process (no Ray)."""
-    from trainers.loop import run_training
-    from trainers.reporting import LocalReporter
+    from selfsup.trainers.loop import run_training
+    from selfsup.trainers.reporting import LocalReporter
 
-    run_training(cfg, 0, 1, LocalReporter(cfg.run, cfg.storage or None), resume_from, stop_after)
+    run_training(cfg, 0, 1, LocalReporter(cfg.run, cfg.storage_options), resume_from, stop_after)
 
 
 def local_cpus(cfg: Any) -> float:
@@ -121,10 +121,10 @@ def train_on_ray(cfg: Any, resume_from: Optional[str], address: Optional[str],
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from trainers.loop import train_loop_per_worker
+    from selfsup.trainers.loop import train_loop_per_worker
 
     ensure_ray(address, local_cpus(cfg))
-    fs, path = storage.arrow_filesystem(cfg.run, cfg.storage or None)
+    fs, path = storage.arrow_filesystem(cfg.run, cfg.storage_options)
     s = cfg.scaling
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -140,9 +140,9 @@ def train_on_ray(cfg: Any, resume_from: Optional[str], address: Optional[str],
 
 def finish(cfg: Any, stopped: bool = False) -> int:
     """Mark the run finished (or stopped, resumable) and print where its checkpoints are."""
-    from trainers import checkpoint as ck
+    from selfsup.trainers import checkpoint as ck
 
-    opts = cfg.storage or None
+    opts = cfg.storage_options
     latest = ck.latest_checkpoint(cfg.run, opts)
     last = last_metrics(cfg)
     set_status(cfg, "stopped" if stopped else "finished", step=last.get("step", cfg.train.steps), loss=last.get("loss"),
@@ -155,9 +155,9 @@ def finish(cfg: Any, stopped: bool = False) -> int:
 def last_metrics(cfg: Any) -> dict[str, Any]:
     """The last line of `<run>/metrics.jsonl` ({} when there is none)."""
     url = storage.join(cfg.run, "metrics.jsonl")
-    if not storage.exists(url, cfg.storage or None):
+    if not storage.exists(url, cfg.storage_options):
         return {}
-    lines = [ln for ln in storage.read_text(url, cfg.storage or None).splitlines() if ln.strip()]
+    lines = [ln for ln in storage.read_text(url, cfg.storage_options).splitlines() if ln.strip()]
     return json.loads(lines[-1]) if lines else {}
 
 
@@ -185,7 +185,7 @@ class Progress:
         while not self._stop.wait(self.period):
             try:
                 self.show(json.loads(storage.read_text(storage.join(self.cfg.run, "status.json"),
-                                                       self.cfg.storage or None)))
+                                                       self.cfg.storage_options)))
             except (OSError, ValueError):
                 continue
 

@@ -6,12 +6,12 @@ import os
 import tempfile
 from typing import Any, Mapping, Optional
 
-from pipeline import storage
+from selfsup.pipeline import storage
 
 
 def latest_table(run_dir: str, opts: Optional[Mapping[str, Any]] = None) -> list[dict[str, Any]]:
     """One row per (eval set, target, method): the latest pretrained step beside the baselines."""
-    from jobs.evaluate import read_results
+    from selfsup.jobs.evaluate import read_results
 
     table = read_results(run_dir, opts)
     if table is None:
@@ -58,7 +58,7 @@ def write_plots(run_dir: str, opts: Optional[Mapping[str, Any]] = None) -> list[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from jobs.evaluate import read_results
+    from selfsup.jobs.evaluate import read_results
 
     written = []
     table = read_results(run_dir, opts)

@@ -25,9 +25,9 @@ import sys
 import time
 from typing import Any, Optional
 
-from pipeline import lease as leases
-from pipeline import storage
-from pipeline.config import load_config
+from selfsup.pipeline import lease as leases
+from selfsup.pipeline import storage
+from selfsup.pipeline.config import load_config
 
 LEASE, LOG, PROMOTED = "retrain.lease", "retrain-log.jsonl", "promoted.json"
 ATTEMPTS = ("start", "resume")
@@ -56,11 +56,11 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Take the lease, decide, and (maybe) train, evaluate and promote."""
-    from trainers.config import PretrainConfig, validate
+    from selfsup.trainers.config import PretrainConfig, validate
 
     cfg = check(validate(load_config(PretrainConfig, args.config, args.overrides)))
     root = storage.full_url(cfg.retrain.runs or cfg.run)
-    opts = cfg.storage or None
+    opts = cfg.storage_options
     leases.check_supported(root)
     as_of = parse_as_of(args.as_of)
     min_new = cfg.retrain.min_new_samples if args.min_new_samples is None else args.min_new_samples
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
 def check(cfg: Any) -> Any:
     """Retrain settings that types alone cannot check."""
-    from jobs.evaluate import METHODS
+    from selfsup.jobs.evaluate import METHODS
 
     r = cfg.retrain
     if r.metric not in METHODS:
@@ -160,11 +160,11 @@ class Retrain:
 
     def __init__(self, cfg: Any, root: str, lease: leases.Lease, book: RetrainLog, args: argparse.Namespace) -> None:
         self.cfg, self.root, self.lease, self.book, self.args = cfg, root, lease, book, args
-        self.opts = cfg.storage or None
+        self.opts = cfg.storage_options
 
     def maybe_start(self, as_of: dt.datetime, min_new: int) -> int:
         """Compare the manifest with the last attempt's snapshot; start a run when enough is new."""
-        from pipeline.snapshot import SourceSpec, build_snapshot, load_snapshot, save_snapshot
+        from selfsup.pipeline.snapshot import SourceSpec, build_snapshot, load_snapshot, save_snapshot
 
         last = last_attempt(self.book.entries())
         sources = [SourceSpec(s.url, s.split, s.weight, s.name) for s in self.cfg.data.sources]
@@ -194,8 +194,8 @@ class Retrain:
 
     def resume(self, previous: dict[str, Any]) -> int:
         """The holder of an expired lease died mid-run: continue its run from the newest checkpoint."""
-        from trainers import checkpoint as ck
-        from trainers.config import PretrainConfig
+        from selfsup.trainers import checkpoint as ck
+        from selfsup.trainers.config import PretrainConfig
 
         name = previous["run"]
         judged = [e for e in self.book.entries() if e.get("run") == name and e["decision"] in ("promote", "reject")]
@@ -235,8 +235,8 @@ class Retrain:
 
     def train(self, cfg: Any, resume: bool) -> int:
         """Pretrain in this process (on the current Ray cluster, or without Ray); returns the last checkpoint's step."""
-        from jobs import pretrain as pt
-        from trainers import checkpoint as ck
+        from selfsup.jobs import pretrain as pt
+        from selfsup.trainers import checkpoint as ck
 
         if self.args.no_ray:
             cfg = dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, num_workers=1),
@@ -262,9 +262,9 @@ class Retrain:
 
     def evaluate(self, cfg: Any) -> dict[str, Any]:
         """Evaluate the run's last checkpoint; its accuracy and the random-init baseline."""
-        from jobs.common import ensure_ray
-        from jobs.evaluate import EvalJob, parse_eval_sets
-        from trainers import checkpoint as ck
+        from selfsup.jobs.common import ensure_ray
+        from selfsup.jobs.evaluate import EvalJob, parse_eval_sets
+        from selfsup.trainers import checkpoint as ck
 
         r = cfg.retrain
         ckpt = ck.resolve_checkpoint(cfg.run, self.opts)
@@ -311,7 +311,7 @@ class Retrain:
         keys = ("eval_set", "metric", "target")
         if all(promoted.get(k) == result[k] for k in keys) and promoted.get("accuracy") is not None:
             return float(promoted["accuracy"])
-        from jobs.evaluate import EvalJob, parse_eval_sets, run_of
+        from selfsup.jobs.evaluate import EvalJob, parse_eval_sets, run_of
 
         r = self.cfg.retrain
         other = run_of(promoted["checkpoint"])
@@ -324,7 +324,7 @@ class Retrain:
     def promote(self, cfg: Any, name: str, result: dict[str, Any], version: Optional[str], why: str,
                 facts: dict[str, Any]) -> int:
         """`<run>/promoted.json` (retention keeps the step), then `<runs>/promoted.json` by a conditional write."""
-        from trainers import checkpoint as ck
+        from selfsup.trainers import checkpoint as ck
 
         storage.write_text(storage.join(cfg.run, ck.PROMOTED), json.dumps({"step": result["step"]}), self.opts)
         body = json.dumps({"run": name, "run_url": cfg.run, **{k: result[k] for k in (
@@ -349,7 +349,7 @@ def read_promoted(root: str, opts: Any = None) -> tuple[Optional[dict[str, Any]]
 
 def accuracy(run_dir: str, ckpt: str, eval_set: str, target: str, method: str, encoder: str, opts: Any) -> float:
     """One accuracy from `<run>/eval/results.parquet` (the checkpoint's, or its architecture's baseline)."""
-    from jobs.evaluate import read_results
+    from selfsup.jobs.evaluate import read_results
 
     table = read_results(run_dir, opts)
     rows = [r for r in (table.to_pylist() if table is not None else [])

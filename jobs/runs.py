@@ -5,8 +5,8 @@ import argparse
 import json
 from typing import Any
 
-from jobs.common import add_storage_args, storage_options
-from pipeline import storage
+from selfsup.jobs.common import add_storage_args, storage_options
+from selfsup.pipeline import storage
 
 
 def add_parser(sub: Any) -> None:
@@ -22,8 +22,8 @@ def add_parser(sub: Any) -> None:
 
 def run_show(args: argparse.Namespace) -> int:
     """Print the run's status line, checkpoints and table."""
-    from jobs.report import format_table, latest_table
-    from trainers import checkpoint as ck
+    from selfsup.jobs.report import format_table, latest_table
+    from selfsup.trainers import checkpoint as ck
 
     opts = storage_options(args)
     status_url = storage.join(args.run_dir, "status.json")

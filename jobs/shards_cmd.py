@@ -10,10 +10,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipeline import manifest, storage, writer
-from pipeline.sources import SOURCES, apply_filters, detect_source
-from pipeline.verify import verify_dataset
-from jobs.common import add_storage_args, human_bytes, storage_options
+from selfsup.pipeline import manifest, storage, writer
+from selfsup.pipeline.sources import SOURCES, apply_filters, detect_source
+from selfsup.pipeline.verify import verify_dataset
+from selfsup.jobs.common import add_storage_args, human_bytes, storage_options
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -119,7 +119,7 @@ def run_write(args: argparse.Namespace) -> int:
     items = apply_filters(items, args.include, args.exclude,
                           name=lambda it: str(it.ref) if isinstance(it.ref, str) else it.key)
     if args.limit is not None:
-        from pipeline.seeding import rng_for
+        from selfsup.pipeline.seeding import rng_for
 
         keep = sorted(rng_for("limit", args.seed).permutation(len(items))[: args.limit])
         items = [items[int(i)] for i in keep]
@@ -152,7 +152,7 @@ def run_write(args: argparse.Namespace) -> int:
 
 
 def _reencode(members: dict[str, bytes]) -> dict[str, bytes]:
-    from pipeline.modalities.video import reencode_mp4
+    from selfsup.pipeline.modalities.video import reencode_mp4
 
     ext = next(e for e in members if e in ("mp4", "avi", "mkv", "webm", "mov", "m4v"))
     return {**{k: v for k, v in members.items() if k != ext}, "mp4": reencode_mp4(members[ext])}

@@ -1,6 +1,6 @@
 """`selfsup submit pretrain|evaluate|retrain CONFIG_OR_RUN [ARGS...] --address http://HEAD:8265`.
 
-The job runs `python -m jobs.cli KIND ...` on the cluster through the Ray Jobs API. Its
+The job runs `python -m selfsup.jobs.cli KIND ...` on the cluster through the Ray Jobs API. Its
 working_dir is this source tree without .venv, data, runs, caches and .git; dependencies come from
 the cluster's image (`cluster.image`, recorded in the job metadata), never from a per-job pip
 install. The config is resolved here (file + overrides, checked, local paths made absolute), shipped
@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
 
-from jobs.jobclient import add_client_args, connect, exit_code, explain, follow, resolve_address
-from pipeline import storage
+from selfsup.jobs.jobclient import add_client_args, connect, exit_code, explain, follow, resolve_address
+from selfsup.pipeline import storage
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGING = ".selfsup-submit"
-KINDS = {"pretrain": "jobs.pretrain", "evaluate": "jobs.evaluate", "retrain": "jobs.retrain"}
+KINDS = {"pretrain": "selfsup.jobs.pretrain", "evaluate": "selfsup.jobs.evaluate", "retrain": "selfsup.jobs.retrain"}
 EXCLUDES = ["/.venv", "/venv", "/.git", "/data", "/runs", "/build", "/dist", ".cache", "__pycache__", "*.pyc",
             ".pytest_cache", ".mypy_cache", ".ruff_cache", "*.egg-info", ".ipynb_checkpoints"]
 SAFE_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
@@ -103,8 +103,8 @@ def watch_args(eval_set: str) -> list[str]:
 
 
 def plan_job(kind: str, target: str, forwarded: list[str], cluster: Any = None) -> dict[str, Any]:
-    """What to run: argv for `jobs.cli`, the resolved config to ship (if any), cluster settings, metadata."""
-    from trainers.config import ClusterConfig
+    """What to run: argv for `selfsup.jobs.cli`, the resolved config to ship (if any), cluster settings, metadata."""
+    from selfsup.trainers.config import ClusterConfig
 
     ns = parse_forwarded(kind, target, forwarded)
     if kind == "evaluate":
@@ -155,8 +155,8 @@ def is_config(target: str) -> bool:
 
 def resolved_config(path: str, overrides: list[str]) -> Any:
     """The checked config with every local path absolute (the job runs in another folder)."""
-    from pipeline.config import load_config
-    from trainers.config import PretrainConfig, validate
+    from selfsup.pipeline.config import load_config
+    from selfsup.trainers.config import PretrainConfig, validate
 
     cfg = validate(load_config(PretrainConfig, path, overrides))
     absolute = storage.full_url
@@ -170,8 +170,8 @@ def resolved_config(path: str, overrides: list[str]) -> Any:
 
 def run_cluster(run_url: str) -> Any:
     """The cluster section of a run's config.yaml (defaults when the run has none yet)."""
-    from pipeline.config import load_config
-    from trainers.config import ClusterConfig, PretrainConfig
+    from selfsup.pipeline.config import load_config
+    from selfsup.trainers.config import ClusterConfig, PretrainConfig
 
     url = storage.join(run_url, "config.yaml")
     try:
@@ -191,7 +191,7 @@ def check_env(env: dict[str, str]) -> None:
 
 def metadata(kind: str, target: str, cluster: Any, cfg: Any = None) -> dict[str, str]:
     """Job metadata (strings only): the command, its target, the image, who submitted it."""
-    from trainers.config import config_digest
+    from selfsup.trainers.config import config_digest
 
     out = {"selfsup_command": kind, "target": storage.redact_url(target), "image": cluster.image,
            "submitted_by": f"{getpass.getuser()}@{socket.gethostname()}"}
@@ -212,7 +212,7 @@ def runtime_env(cluster: Any) -> dict[str, Any]:
 
 def submit(client: Any, job: dict[str, Any], submission_id: Optional[str]) -> str:
     """Ship the config into the working_dir (for this upload only) and submit; returns the job id."""
-    from pipeline.config import to_yaml
+    from selfsup.pipeline.config import to_yaml
 
     job_id = submission_id or f"selfsup-{job['kind']}-{uuid.uuid4().hex[:8]}"
     stage = ROOT / STAGING / job_id
@@ -223,7 +223,7 @@ def submit(client: Any, job: dict[str, Any], submission_id: Optional[str]) -> st
             (stage / "config.yaml").write_text(to_yaml(job["config"]))  # secrets stripped
             argv[1] = f"{STAGING}/{job_id}/config.yaml"
         c = job["cluster"]
-        entrypoint = " ".join([shlex.quote(c.python), "-m", "jobs.cli", *map(shlex.quote, argv)])
+        entrypoint = " ".join([shlex.quote(c.python), "-m", "selfsup.jobs.cli", *map(shlex.quote, argv)])
         try:
             return client.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env(c),
                                      metadata=job["metadata"], entrypoint_num_cpus=c.entrypoint_cpus or None,

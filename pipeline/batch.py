@@ -16,14 +16,14 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from pipeline import storage
-from pipeline.masking import make_mask
-from pipeline.modalities import make_modality
-from pipeline.modalities.base import Sample
-from pipeline.plan import EpochPlan, plan_epoch
-from pipeline.seeding import sample_rng, stable_hash
-from pipeline.snapshot import Snapshot
-from pipeline.tarindex import ShardIndex, decode_label, load_index, members_from_range
+from selfsup.pipeline import storage
+from selfsup.pipeline.masking import make_mask
+from selfsup.pipeline.modalities import make_modality
+from selfsup.pipeline.modalities.base import Sample
+from selfsup.pipeline.plan import EpochPlan, plan_epoch
+from selfsup.pipeline.seeding import sample_rng, stable_hash
+from selfsup.pipeline.snapshot import Snapshot
+from selfsup.pipeline.tarindex import ShardIndex, decode_label, load_index, members_from_range
 
 ON_ERROR = ("quarantine", "raise")
 MAX_REPLACEMENT_ATTEMPTS = 16

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional, Sequence, TypeVar, Union
 
 import yaml
 
-from pipeline.storage import is_secret_name, read_text
+from selfsup.pipeline.storage import is_secret_name, read_text
 
 C = TypeVar("C")
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from typing import Any, Iterator, Mapping, Optional
 
-from pipeline import storage
-from pipeline.batch import BatchMaker, FeedSpec, keep_freed_memory
+from selfsup.pipeline import storage
+from selfsup.pipeline.batch import BatchMaker, FeedSpec, keep_freed_memory
 
 log = logging.getLogger(__name__)
 BACKENDS = ("ray", "local", "inline")
@@ -174,7 +174,7 @@ class BatchFeed:
 
     def _start_workers(self) -> None:
         if self.backend == "ray":
-            from pipeline.stream import start_stream
+            from selfsup.pipeline.stream import start_stream
 
             self._workers = [start_stream(self.spec, self.stream_cpus, self.stream_resources)
                              for _ in range(self.num_streams)]
@@ -186,7 +186,7 @@ class BatchFeed:
 
     def _replace_stream(self, slot: int) -> None:
         import ray
-        from pipeline.stream import start_stream
+        from selfsup.pipeline.stream import start_stream
 
         try:
             ray.kill(self._workers[slot])

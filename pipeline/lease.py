@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Optional
 
-from pipeline import storage
+from selfsup.pipeline import storage
 
 log = logging.getLogger(__name__)
 SUPPORTED = ("file", "s3", "gs")

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from selfsup.pipeline import storage
 
 MANIFEST_DIR = "_manifest"
 SCHEMA = pa.schema([

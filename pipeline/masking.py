@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.registry import Registry
+from selfsup.pipeline.registry import Registry
 
 MaskFn = Callable[..., np.ndarray]
 MASKS: Registry[MaskFn] = Registry("mask")

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.seeding import rng_for
-from pipeline.sources import FMNIST_CLASSES, SOURCES, FashionMNISTSource, Item, fmnist_arrays
+from selfsup.pipeline.seeding import rng_for
+from selfsup.pipeline.sources import FMNIST_CLASSES, SOURCES, FashionMNISTSource, Item, fmnist_arrays
 
 DIRECTIONS = ("E", "NE", "N", "NW", "W", "SW", "S", "SE")
 ITEM = 28  # side of a Fashion-MNIST image
@@ -105,7 +105,7 @@ class MovingFashionMNISTSource:
 
     def encode(self, item: Item) -> dict[str, bytes]:
         """The clip as a near-lossless MP4, gray replicated to 3 channels."""
-        from pipeline.modalities.video import encode_clip_mp4
+        from selfsup.pipeline.modalities.video import encode_clip_mp4
 
         images, _ = fmnist_arrays(self.root, self.subset)
         direction, speed, start = self.params(int(item.ref))

@@ -25,8 +25,8 @@ from typing import Optional
 
 import numpy as np
 
-from pipeline.seeding import rng_for
-from pipeline.snapshot import Snapshot
+from selfsup.pipeline.seeding import rng_for
+from selfsup.pipeline.snapshot import Snapshot
 
 Segment = tuple[int, int, int]  # (shard index in the snapshot, first sample, end sample)
 

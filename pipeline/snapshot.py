@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import manifest, storage
+from selfsup.pipeline import manifest, storage
 
 SNAPSHOT_FILE = "manifest.parquet"
 

@@ -21,8 +21,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from pipeline.registry import Registry
-from pipeline.tarindex import encode_label
+from selfsup.pipeline.registry import Registry
+from selfsup.pipeline.tarindex import encode_label
 
 EXTENSIONS = {
     "image": ("jpg", "jpeg", "png", "webp", "bmp"),
@@ -282,4 +282,4 @@ def detect_source(root: str, modality: str, source_type: Optional[str]) -> str:
     return "folder"
 
 
-from pipeline import moving  # noqa: E402,F401  (registers "moving-fashion-mnist")
+from selfsup.pipeline import moving  # noqa: E402,F401  (registers "moving-fashion-mnist")

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional
 
 import ray
 
-from pipeline.batch import BatchMaker, FeedSpec, keep_freed_memory
+from selfsup.pipeline.batch import BatchMaker, FeedSpec, keep_freed_memory
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)

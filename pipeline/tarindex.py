@@ -15,7 +15,7 @@ import zlib
 from dataclasses import dataclass
 from typing import IO, Any, Iterator, Mapping, Optional, Sequence
 
-from pipeline import storage
+from selfsup.pipeline import storage
 
 INDEX_FORMAT = "selfsup-index/1"
 Members = dict[str, bytes]

@@ -8,8 +8,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from pipeline import manifest, storage
-from pipeline.tarindex import ShardIndex, split_name
+from selfsup.pipeline import manifest, storage
+from selfsup.pipeline.tarindex import ShardIndex, split_name
 
 
 @dataclass

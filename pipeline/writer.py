@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from pipeline import manifest, storage
-from pipeline.modalities import DecodeError, MODALITIES, make_modality
-from pipeline.seeding import rng_for
-from pipeline.sources import Item, with_label
-from pipeline.tarindex import index_tar
+from selfsup.pipeline import manifest, storage
+from selfsup.pipeline.modalities import DecodeError, MODALITIES, make_modality
+from selfsup.pipeline.seeding import rng_for
+from selfsup.pipeline.sources import Item, with_label
+from selfsup.pipeline.tarindex import index_tar
 
 log = logging.getLogger(__name__)
 DEFAULT_SHARD_BYTES = 256 * 1024 * 1024

@@ -102,5 +102,5 @@ def ray_cluster(moto_s3: MotoS3, tmp_path_factory: pytest.TempPathFactory) -> It
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `selfsup ARGS` in a subprocess; returns the completed process (text output)."""
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "selfsup.jobs.cli", *args], capture_output=True, text=True,
                           cwd=ROOT, env={**os.environ, **(env or {})}, timeout=timeout)

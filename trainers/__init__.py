@@ -6,7 +6,7 @@ from typing import Any
 
 def load_encoder(path: str, options: Any = None, device: Any = "cpu") -> Any:
     """Rebuild a checkpoint's encoder (see trainers.encoder.load_encoder)."""
-    from trainers.encoder import load_encoder as _load
+    from selfsup.trainers.encoder import load_encoder as _load
 
     return _load(path, options, device)
 

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from pipeline import storage
+from selfsup.pipeline import storage
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from pipeline.config import ConfigError, to_dict
+from selfsup.pipeline.config import ConfigError, to_dict
 
 OPTIMIZERS = ("adamw", "lars")
 FEED_BACKENDS = ("ray", "local", "inline")
@@ -101,7 +101,7 @@ class ClusterConfig:
     """How `selfsup submit` runs this config as a Ray job: the image provides every dependency."""
 
     image: str = "selfsup:latest"  # the cluster nodes' container image (recorded in the job metadata)
-    python: str = "python"         # interpreter on the cluster that runs `-m jobs.cli`
+    python: str = "python"         # interpreter on the cluster that runs `-m selfsup.jobs.cli`
     entrypoint_cpus: float = 0.0   # reserved for the driver process (0: it only coordinates)
     entrypoint_gpus: float = 0.0
     entrypoint_resources: dict[str, float] = field(default_factory=dict)
@@ -135,6 +135,11 @@ class PretrainConfig:
     storage: dict[str, Any] = field(default_factory=dict)  # fsspec options (endpoint_url, region, ...)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
+
+    @property
+    def storage_options(self) -> Optional[dict[str, Any]]:
+        """The fsspec options for storage calls: the `storage` mapping, or None when it is empty."""
+        return dict(self.storage) or None
 
 
 def validate(cfg: PretrainConfig) -> PretrainConfig:

@@ -6,9 +6,9 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from pipeline import storage
-from trainers import checkpoint as ck
-from trainers.backbones import backbone_from_spec
+from selfsup.pipeline import storage
+from selfsup.trainers import checkpoint as ck
+from selfsup.trainers.backbones import backbone_from_spec
 
 
 def load_encoder(path: str, options: Optional[Mapping[str, Any]] = None,

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.batch import BatchMaker, FeedSpec
-from trainers.inputs import to_device
+from selfsup.pipeline.batch import BatchMaker, FeedSpec
+from selfsup.trainers.inputs import to_device
 
 RAW_DIMS = 4096
 INPUT_FIELDS = ("image", "video", "spec", "wave")
@@ -25,8 +25,8 @@ INPUT_FIELDS = ("image", "video", "spec", "wave")
 
 def build_encoder(ref: Mapping[str, Any], options: Optional[Mapping[str, Any]] = None) -> Optional[nn.Module]:
     """{"kind": "pretrained", "checkpoint"} | {"kind": "random_init", "spec", "seed"} | {"kind": "raw"}."""
-    from trainers.backbones import backbone_from_spec
-    from trainers.encoder import load_encoder
+    from selfsup.trainers.backbones import backbone_from_spec
+    from selfsup.trainers.encoder import load_encoder
 
     if ref["kind"] == "pretrained":
         return load_encoder(ref["checkpoint"], options)

@@ -22,18 +22,18 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from pipeline import storage
-from pipeline.batch import FeedSpec
-from pipeline.config import from_dict, to_dict
-from pipeline.feed import BatchFeed
-from pipeline.seeding import stable_hash
-from pipeline.snapshot import load_snapshot
-from trainers import checkpoint as ck
-from trainers.config import PretrainConfig, config_digest
-from trainers.inputs import to_device
-from trainers.objectives import make_objective
-from trainers.optim import build_optimizer, lr_at, set_lr
-from trainers.reporting import LocalReporter, RayReporter, Reporter
+from selfsup.pipeline import storage
+from selfsup.pipeline.batch import FeedSpec
+from selfsup.pipeline.config import from_dict, to_dict
+from selfsup.pipeline.feed import BatchFeed
+from selfsup.pipeline.seeding import stable_hash
+from selfsup.pipeline.snapshot import load_snapshot
+from selfsup.trainers import checkpoint as ck
+from selfsup.trainers.config import PretrainConfig, config_digest
+from selfsup.trainers.inputs import to_device
+from selfsup.trainers.objectives import make_objective
+from selfsup.trainers.optim import build_optimizer, lr_at, set_lr
+from selfsup.trainers.reporting import LocalReporter, RayReporter, Reporter
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     cfg = from_dict(PretrainConfig, config["cfg"])
-    reporter = RayReporter(cfg.run, cfg.storage or None)
+    reporter = RayReporter(cfg.run, cfg.storage_options)
     run_training(cfg, ctx.get_world_rank(), ctx.get_world_size(), reporter, config.get("resume_from"),
                  config.get("stop_after"))
 
@@ -60,9 +60,9 @@ def build_objective(cfg: PretrainConfig) -> nn.Module:
 def feed_spec(cfg: PretrainConfig, objective: nn.Module) -> FeedSpec:
     """What the streams make for this run: the snapshot, plan parameters, modality and masks."""
     d = cfg.data
-    return FeedSpec(load_snapshot(cfg.run, cfg.storage or None), d.batch_size, dict(d.modality_args),
+    return FeedSpec(load_snapshot(cfg.run, cfg.storage_options), d.batch_size, dict(d.modality_args),
                     seed=cfg.train.seed, train=True, mix=d.mix, run_length=d.run_length,
-                    mask=objective.mask_spec(), on_error=d.on_error, storage_options=cfg.storage or None)
+                    mask=objective.mask_spec(), on_error=d.on_error, storage_options=cfg.storage_options)
 
 
 def wrap_model(objective: nn.Module, world: int, in_ray: bool) -> tuple[nn.Module, torch.device]:
@@ -81,7 +81,7 @@ def wrap_model(objective: nn.Module, world: int, in_ray: bool) -> tuple[nn.Modul
 def run_training(cfg: PretrainConfig, rank: int, world: int, reporter: Reporter,
                  resume_from: Optional[str] = None, stop_after: Optional[int] = None) -> dict[str, Any]:
     """Train to cfg.train.steps (or stop, checkpointed, at `stop_after`) from scratch or a checkpoint."""
-    opts = cfg.storage or None
+    opts = cfg.storage_options
     objective = build_objective(cfg)
     model, device = wrap_model(objective, world, isinstance(reporter, RayReporter))
     core: nn.Module = getattr(model, "module", model)
@@ -262,7 +262,7 @@ def _dist_device() -> torch.device:
 
 
 def _log_metrics(cfg: PretrainConfig, m: Mapping[str, Any]) -> None:
-    opts = cfg.storage or None
+    opts = cfg.storage_options
     storage.append_line(storage.join(cfg.run, "metrics.jsonl"), json.dumps(m), opts)
     status = {"state": "running", "step": m["step"], "steps": cfg.train.steps, "loss": m["loss"],
               "samples_per_s": m["samples_per_s"], "stall_pct": m["stall_pct"], "updated": time.time(),
@@ -287,8 +287,8 @@ def _checkpoint(cfg: PretrainConfig, rank: int, world: int, core: nn.Module, opt
     if rank != 0:
         return
     url = storage.join(cfg.run, ck.CHECKPOINTS, ck.step_dir_name(step))
-    ck.write_meta(url, checkpoint_meta(cfg, core, step, world, feed.state_dict()), cfg.storage or None)
-    deleted = ck.prune(cfg.run, cfg.train.keep, cfg.train.keep_unevaluated, cfg.storage or None)
+    ck.write_meta(url, checkpoint_meta(cfg, core, step, world, feed.state_dict()), cfg.storage_options)
+    deleted = ck.prune(cfg.run, cfg.train.keep, cfg.train.keep_unevaluated, cfg.storage_options)
     for d in deleted:
         log.info("retention: deleted %s", storage.redact_url(d))
 

@@ -9,8 +9,8 @@ import logging
 import os
 from typing import Any, Mapping, Optional, Protocol
 
-from pipeline import storage
-from trainers import checkpoint as ck
+from selfsup.pipeline import storage
+from selfsup.trainers import checkpoint as ck
 
 log = logging.getLogger(__name__)
 

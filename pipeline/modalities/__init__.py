@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.modalities.base import DecodeError, Modality, Sample
-from pipeline.registry import Registry
+from selfsup.pipeline.modalities.base import DecodeError, Modality, Sample
+from selfsup.pipeline.registry import Registry
 
 MODALITIES: Registry[Any] = Registry("modality")
 
@@ -16,6 +16,6 @@ def make_modality(name: str, **args: Any) -> Modality:
 
 __all__ = ["MODALITIES", "DecodeError", "Modality", "Sample", "make_modality"]
 
-from pipeline.modalities import image  # noqa: E402,F401  (registers "image")
-from pipeline.modalities import audio  # noqa: E402,F401  (registers "audio")
-from pipeline.modalities import video  # noqa: E402,F401  (registers "video")
+from selfsup.pipeline.modalities import image  # noqa: E402,F401  (registers "image")
+from selfsup.pipeline.modalities import audio  # noqa: E402,F401  (registers "audio")
+from selfsup.pipeline.modalities import video  # noqa: E402,F401  (registers "video")

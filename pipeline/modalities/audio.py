@@ -46,8 +46,8 @@ import soundfile
 if TYPE_CHECKING:
     import torchaudio
 
-from pipeline.modalities import MODALITIES
-from pipeline.modalities.base import DecodeError, Sample, media_member
+from selfsup.pipeline.modalities import MODALITIES
+from selfsup.pipeline.modalities.base import DecodeError, Sample, media_member
 
 OUTPUTS = ("logmel", "spec", "wave")
 VIEWS = ("rrc", "speech")
@@ -377,7 +377,7 @@ class AudioModality:
 
     def token_grid(self, geometry: Mapping[str, Any]) -> tuple[int, ...]:
         """(frames,) of the conv feature encoder for wave; (F/pf, T/pt) patches for spectrograms."""
-        from pipeline.masking import grid_from_geometry
+        from selfsup.pipeline.masking import grid_from_geometry
 
         if self.output == "wave":
             return grid_from_geometry((self.samples,), geometry, "wave")
@@ -385,7 +385,7 @@ class AudioModality:
 
     def valid_tokens(self, sample: Sample, geometry: Mapping[str, Any]) -> int:
         """Conv frames of the valid samples for wave; every patch for spectrograms."""
-        from pipeline.masking import conv_frames
+        from selfsup.pipeline.masking import conv_frames
 
         if self.output == "wave":
             self.token_grid(geometry)  # validates the geometry

@@ -14,8 +14,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from pipeline.modalities import MODALITIES
-from pipeline.modalities.base import DecodeError, Sample, media_member
+from selfsup.pipeline.modalities import MODALITIES
+from selfsup.pipeline.modalities.base import DecodeError, Sample, media_member
 
 cv2.setNumThreads(1)
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit from the header, before decoding
@@ -225,7 +225,7 @@ class ImageModality:
 
     def token_grid(self, geometry: Mapping[str, Any]) -> tuple[int, ...]:
         """(H/p, W/p) patches."""
-        from pipeline.masking import grid_from_geometry
+        from selfsup.pipeline.masking import grid_from_geometry
 
         return grid_from_geometry((self.size, self.size, self.channels), geometry, "image")
 

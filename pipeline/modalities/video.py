@@ -29,9 +29,9 @@ import av
 import cv2
 import numpy as np
 
-from pipeline.modalities import MODALITIES
-from pipeline.modalities.base import DecodeError, Sample, media_member
-from pipeline.modalities.image import crop_box, grayscale
+from selfsup.pipeline.modalities import MODALITIES
+from selfsup.pipeline.modalities.base import DecodeError, Sample, media_member
+from selfsup.pipeline.modalities.image import crop_box, grayscale
 
 cv2.setNumThreads(1)
 
@@ -285,7 +285,7 @@ class VideoModality:
 
     def token_grid(self, geometry: Mapping[str, Any]) -> tuple[int, ...]:
         """(T/t, H/p, W/p) tubelets."""
-        from pipeline.masking import grid_from_geometry
+        from selfsup.pipeline.masking import grid_from_geometry
 
         return grid_from_geometry((self.frames, self.size, self.size, self.channels), geometry, "video")
 

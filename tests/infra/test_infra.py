@@ -568,7 +568,7 @@ def test_selfsup_command_lines_use_known_subcommands(where: str, argv: list[str]
 
 
 def test_subcommand_set_matches_the_cli() -> None:
-    cli = pytest.importorskip("jobs.cli")
+    cli = pytest.importorskip("selfsup.jobs.cli")
     assert SUBCOMMANDS == set(cli.COMMANDS), "infra's subcommand list drifted from jobs/cli.py"
 
 
@@ -610,7 +610,7 @@ def test_dockerfile_base_matches_pinned_ray() -> None:
 
 def test_dockerfile_installs_the_packages_with_constraints() -> None:
     sources = copy_sources()
-    needed_sources = ("pyproject.toml", "constraints.txt", "README.md", "pipeline", "trainers", "jobs")
+    needed_sources = ("pyproject.toml", "constraints.txt", "README.md", "selfsup", "pipeline", "trainers", "jobs")
     for needed in needed_sources:
         assert needed in sources, f"Dockerfile never copies {needed}"
     runs = [a for i, a in dockerfile_instructions() if i == "RUN" and "pip install" in a]
@@ -647,7 +647,7 @@ def test_dockerignore_keeps_sources_and_drops_the_rest() -> None:
     ]
     for source in copy_sources():
         assert not dockerignore_excludes(source, patterns), f"{source} is ignored but COPYed"
-    for package in ("pipeline", "trainers", "jobs"):
+    for package in ("selfsup", "pipeline", "trainers", "jobs"):
         module = f"{package}/sub/module.py"
         assert not dockerignore_excludes(module, patterns), f"{module} would miss the image"
     assert not dockerignore_excludes("jobs/configs/simclr_image.yaml", patterns)

@@ -6,11 +6,11 @@ import shutil
 
 import pytest
 
-from jobs.cli import main
-from jobs.evaluate import read_results
-from pipeline import storage
+from selfsup.jobs.cli import main
+from selfsup.jobs.evaluate import read_results
+from selfsup.pipeline import storage
 from tests.conftest import FMNIST, ROOT, run_cli
-from trainers import checkpoint as ck
+from selfsup.trainers import checkpoint as ck
 
 CONFIG = str(ROOT / "jobs" / "configs" / "simclr_image.yaml")
 

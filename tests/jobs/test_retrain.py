@@ -13,11 +13,11 @@ import time
 import pytest
 import torch
 
-from jobs.cli import main
-from pipeline import storage
-from pipeline.lease import Lease, LeaseLost
+from selfsup.jobs.cli import main
+from selfsup.pipeline import storage
+from selfsup.pipeline.lease import Lease, LeaseLost
 from tests.conftest import FMNIST, ROOT
-from trainers import checkpoint as ck
+from selfsup.trainers import checkpoint as ck
 
 CONFIG = str(ROOT / "jobs" / "configs" / "simclr_image.yaml")
 
@@ -163,7 +163,7 @@ def test_two_concurrent_retrains_on_s3_start_one_run(moto_s3, fm):
         for f in files:
             rel = os.path.relpath(os.path.join(dirpath, f), fm)
             storage.upload_file(os.path.join(dirpath, f), storage.join(data, rel))
-    cmd = [sys.executable, "-m", "jobs.cli", "retrain", CONFIG, *overrides(runs, data, **{"train.steps": 4}),
+    cmd = [sys.executable, "-m", "selfsup.jobs.cli", "retrain", CONFIG, *overrides(runs, data, **{"train.steps": 4}),
            "--no-ray", "--quiet"]
     procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
@@ -179,7 +179,7 @@ def test_two_concurrent_retrains_on_s3_start_one_run(moto_s3, fm):
 def test_killed_retrain_is_resumed_after_its_lease_expires(fm, tmp_path):
     runs = str(tmp_path / "runs")
     args = overrides(runs, fm, **{"train.steps": 40, "train.ckpt_every": 2, "retrain.lease_seconds": 4})
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "retrain", CONFIG, *args, "--no-ray", "--quiet"],
+    proc = subprocess.Popen([sys.executable, "-m", "selfsup.jobs.cli", "retrain", CONFIG, *args, "--no-ray", "--quiet"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:

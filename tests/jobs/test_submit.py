@@ -19,10 +19,10 @@ from typing import Iterator
 
 import pytest
 
-from jobs.cli import main
-from pipeline import storage
+from selfsup.jobs.cli import main
+from selfsup.pipeline import storage
 from tests.conftest import FMNIST, ROOT, free_port, run_cli
-from trainers import checkpoint as ck
+from selfsup.trainers import checkpoint as ck
 
 CONFIG = str(ROOT / "jobs" / "configs" / "simclr_image.yaml")
 RAY = str(Path(sys.executable).parent / "ray")
@@ -38,7 +38,7 @@ class Head:
         return run_cli(*args, env={**self.env, **(env or {})}, timeout=timeout)
 
     def client(self):
-        from jobs.jobclient import connect
+        from selfsup.jobs.jobclient import connect
 
         return connect(self.address, self.token_file)
 
@@ -173,7 +173,7 @@ def test_submitted_evaluation_is_its_own_job(head, submitted, fm):
                    "--address", head.address, "--follow")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert res.stdout.split()[0].startswith("selfsup-evaluate-")
-    from jobs.evaluate import read_results
+    from selfsup.jobs.evaluate import read_results
 
     rows = read_results(run).to_pylist()
     assert {(r["encoder"], r["step"]) for r in rows} >= {("pretrained", 4), ("random_init", -1)}
@@ -198,7 +198,7 @@ def test_jobs_stop_and_token_errors(head, fm, tmp_path):
 
 
 def test_submit_refuses_credentials_and_bad_arguments_before_submitting(fm, tmp_path):
-    from jobs.submit import plan_job, watch_args
+    from selfsup.jobs.submit import plan_job, watch_args
 
     job = plan_job("retrain", CONFIG, [f"run={tmp_path}/runs", f"data.sources=[{{url: {fm}}}]", "--min-new-samples",
                                        "50", "retrain.tolerance=0.01"])

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import soundfile
 
-from pipeline.masking import conv_frames
-from pipeline.modalities import MODALITIES, DecodeError, make_modality
-from pipeline.modalities.audio import OUTPUTS, AudioModality, augment_wave, random_resize_crop, speech_view
+from selfsup.pipeline.masking import conv_frames
+from selfsup.pipeline.modalities import MODALITIES, DecodeError, make_modality
+from selfsup.pipeline.modalities.audio import OUTPUTS, AudioModality, augment_wave, random_resize_crop, speech_view
 
 FSDD = "/work/shared/datasets/fsdd/recordings"
 WAV2VEC2_CONV = [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2

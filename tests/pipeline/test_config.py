@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import pytest
 
-from pipeline.config import ConfigError, load_config, parse_override, to_dict, to_yaml
+from selfsup.pipeline.config import ConfigError, load_config, parse_override, to_dict, to_yaml
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,12 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline import manifest, storage
-from pipeline.batch import FeedSpec, SampleDecodeError
-from pipeline.feed import BatchFeed
-from pipeline.snapshot import SourceSpec, build_snapshot
-from pipeline.sources import fmnist_arrays
-from pipeline.tarindex import index_tar, load_index
+from selfsup.pipeline import manifest, storage
+from selfsup.pipeline.batch import FeedSpec, SampleDecodeError
+from selfsup.pipeline.feed import BatchFeed
+from selfsup.pipeline.snapshot import SourceSpec, build_snapshot
+from selfsup.pipeline.sources import fmnist_arrays
+from selfsup.pipeline.tarindex import index_tar, load_index
 from tests.conftest import FMNIST, run_cli
 
 BATCH = 28  # 600 samples → 21 micro-batches (12 samples dropped); two ranks → 10 steps, one batch dropped

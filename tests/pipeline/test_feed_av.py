@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import soundfile
 
-from pipeline import storage
-from pipeline.batch import FeedSpec
-from pipeline.feed import BatchFeed
-from pipeline.masking import conv_frames, make_mask
-from pipeline.modalities.video import encode_clip_mp4
-from pipeline.seeding import sample_rng
-from pipeline.snapshot import SourceSpec, build_snapshot
+from selfsup.pipeline import storage
+from selfsup.pipeline.batch import FeedSpec
+from selfsup.pipeline.feed import BatchFeed
+from selfsup.pipeline.masking import conv_frames, make_mask
+from selfsup.pipeline.modalities.video import encode_clip_mp4
+from selfsup.pipeline.seeding import sample_rng
+from selfsup.pipeline.snapshot import SourceSpec, build_snapshot
 from tests.conftest import FSDD, VIDEO, run_cli
 from tests.pipeline.test_feed import add_shard, planned_keys, shard_keys
 from tests.pipeline.test_video import texture_clip

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.masking import (
+from selfsup.pipeline.masking import (
     MASKS,
     block_mask,
     conv_frames,

@@ -8,10 +8,10 @@ import os
 import numpy as np
 import pytest
 
-from pipeline.modalities.video import VideoModality, encode_clip_mp4
-from pipeline.moving import MovingFashionMNISTSource, clip_params, render_clip
-from pipeline.seeding import rng_for
-from pipeline.sources import SOURCES, fmnist_arrays, with_label
+from selfsup.pipeline.modalities.video import VideoModality, encode_clip_mp4
+from selfsup.pipeline.moving import MovingFashionMNISTSource, clip_params, render_clip
+from selfsup.pipeline.seeding import rng_for
+from selfsup.pipeline.sources import SOURCES, fmnist_arrays, with_label
 
 FMNIST = "/work/shared/datasets/fashion-mnist"
 pytestmark = pytest.mark.skipif(not os.path.isdir(FMNIST), reason="Fashion-MNIST not present")

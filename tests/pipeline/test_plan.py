@@ -7,8 +7,8 @@ from typing import Optional, Sequence
 import numpy as np
 import pytest
 
-from pipeline.plan import EpochPlan, plan_epoch, rank_batches
-from pipeline.snapshot import ShardRef, Snapshot
+from selfsup.pipeline.plan import EpochPlan, plan_epoch, rank_batches
+from selfsup.pipeline.snapshot import ShardRef, Snapshot
 
 # plan_epoch is lru-cached: reproducibility is checked on the uncached function
 plan_uncached = plan_epoch.__wrapped__  # type: ignore[attr-defined]

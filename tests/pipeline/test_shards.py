@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from pipeline import manifest, storage
-from pipeline.tarindex import decode_label, load_index, read_samples, scan_shard
+from selfsup.pipeline import manifest, storage
+from selfsup.pipeline.tarindex import decode_label, load_index, read_samples, scan_shard
 from tests.conftest import FMNIST, FSDD, PHOTOS, ROOT, VIDEO, run_cli
 
 
@@ -116,7 +116,7 @@ def test_verify_names_a_flipped_byte(photo_folder, tmp_path):
 
 def test_two_concurrent_writers_lose_no_row(tmp_path, moto_s3):
     dest = moto_s3.bucket("conc") + "/ds"
-    procs = [subprocess.Popen([sys.executable, "-m", "jobs.cli", "shards", "write", str(FMNIST), dest,
+    procs = [subprocess.Popen([sys.executable, "-m", "selfsup.jobs.cli", "shards", "write", str(FMNIST), dest,
                                "--modality", "image", "--subset", subset, "--limit", "300",
                                "--samples-per-shard", "20", "--workers", "1", "--quiet"],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -134,7 +134,7 @@ def test_two_concurrent_writers_lose_no_row(tmp_path, moto_s3):
 
 def test_killed_writer_leaves_nothing_visible_and_rerun_completes(tmp_path):
     dest = tmp_path / "ds"
-    args = [sys.executable, "-m", "jobs.cli", "shards", "write", str(FMNIST), str(dest), "--modality", "image",
+    args = [sys.executable, "-m", "selfsup.jobs.cli", "shards", "write", str(FMNIST), str(dest), "--modality", "image",
             "--limit", "6000", "--samples-per-shard", "400", "--workers", "1", "--quiet"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from pipeline import storage
+from selfsup.pipeline import storage
 
 
 @pytest.fixture(params=["local", "s3", "memory"])

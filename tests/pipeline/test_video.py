@@ -10,8 +10,8 @@ import av
 import numpy as np
 import pytest
 
-from pipeline.modalities import MODALITIES, DecodeError, make_modality
-from pipeline.modalities.video import (
+from selfsup.pipeline.modalities import MODALITIES, DecodeError, make_modality
+from selfsup.pipeline.modalities.video import (
     VideoModality,
     clip_indices,
     encode_clip_mp4,

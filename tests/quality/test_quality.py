@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from jobs.evaluate import read_results
+from selfsup.jobs.evaluate import read_results
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow

@@ -6,8 +6,8 @@ import time
 import pytest
 import torch
 
-from trainers.backbones import BACKBONES, make_backbone
-from trainers.backbones.tokenizers import sincos_pos_embed
+from selfsup.trainers.backbones import BACKBONES, make_backbone
+from selfsup.trainers.backbones.tokenizers import sincos_pos_embed
 
 
 def random_mask(b: int, n: int, hidden: int, seed: int = 0) -> torch.Tensor:

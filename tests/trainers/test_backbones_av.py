@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainers.backbones import BACKBONES, make_backbone
+from selfsup.trainers.backbones import BACKBONES, make_backbone
 
 
 @pytest.fixture(autouse=True)

@@ -11,15 +11,15 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from jobs.cli import main
-from pipeline import storage
-from pipeline.config import load_config
-from pipeline.modalities import make_modality
+from selfsup.jobs.cli import main
+from selfsup.pipeline import storage
+from selfsup.pipeline.config import load_config
+from selfsup.pipeline.modalities import make_modality
 from tests.conftest import FMNIST, FSDD, ROOT
-from trainers import checkpoint as ck
-from trainers import load_encoder
-from trainers.config import PretrainConfig, validate
-from trainers.loop import build_objective, fitted_horizon
+from selfsup.trainers import checkpoint as ck
+from selfsup.trainers import load_encoder
+from selfsup.trainers.config import PretrainConfig, validate
+from selfsup.trainers.loop import build_objective, fitted_horizon
 
 CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
 DEMO_DATA = {"image": "fashion-mnist", "audio": "fsdd", "video": "moving-fashion-mnist"}

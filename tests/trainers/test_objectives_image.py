@@ -10,11 +10,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainers.backbones import make_backbone
-from trainers.objectives import OBJECTIVES, make_objective
-from trainers.objectives.barlow_twins import barlow_twins_loss, cross_correlation
-from trainers.objectives.byol import cosine_tau
-from trainers.objectives.simclr import nt_xent, nt_xent_distributed
+from selfsup.trainers.backbones import make_backbone
+from selfsup.trainers.objectives import OBJECTIVES, make_objective
+from selfsup.trainers.objectives.barlow_twins import barlow_twins_loss, cross_correlation
+from selfsup.trainers.objectives.byol import cosine_tau
+from selfsup.trainers.objectives.simclr import nt_xent, nt_xent_distributed
 
 CNN = {"backbone": "convnet_small", "backbone_args": {"in_channels": 1, "width": 8}}
 VIT = {"backbone": "vit_micro", "backbone_args": {"in_channels": 1, "img_size": 28, "patch_size": 4}}

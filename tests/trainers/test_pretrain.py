@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.cli import main
-from pipeline import storage
+from selfsup.jobs.cli import main
+from selfsup.pipeline import storage
 from tests.conftest import FMNIST, ROOT, run_cli
-from trainers import checkpoint as ck
+from selfsup.trainers import checkpoint as ck
 
 CONFIG = str(ROOT / "jobs" / "configs" / "simclr_image.yaml")
 
@@ -63,10 +63,10 @@ def test_two_worker_ddp_on_s3_and_load_encoder(ray_cluster, moto_s3, fm_shards):
     assert "testing-secret" not in storage.read_text(storage.join(run, "config.yaml"))
 
     # load_encoder from S3 == the encoder inside the training state
-    from trainers import load_encoder
-    from trainers.config import PretrainConfig
-    from pipeline.config import from_dict
-    from trainers.loop import build_objective
+    from selfsup.trainers import load_encoder
+    from selfsup.trainers.config import PretrainConfig
+    from selfsup.pipeline.config import from_dict
+    from selfsup.trainers.loop import build_objective
 
     enc = load_encoder(run)
     assert enc.selfsup_meta["step"] == 6

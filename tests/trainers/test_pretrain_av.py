@@ -8,10 +8,10 @@ import math
 
 import pytest
 
-from jobs.cli import main
-from pipeline import storage
+from selfsup.jobs.cli import main
+from selfsup.pipeline import storage
 from tests.conftest import FMNIST, FSDD, ROOT
-from trainers import checkpoint as ck
+from selfsup.trainers import checkpoint as ck
 
 CONFIGS = ROOT / "jobs" / "configs"
 SMALL = {  # narrow models: the test is about the run machinery, not the model size

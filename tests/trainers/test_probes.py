@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainers.probes import knn_accuracy, linear_probe_accuracy
+from selfsup.trainers.probes import knn_accuracy, linear_probe_accuracy
 
 
 def blobs(n: int, d: int, classes: int, spread: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

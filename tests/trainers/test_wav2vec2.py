@@ -8,10 +8,10 @@ from typing import Iterator
 import pytest
 import torch
 
-from trainers.backbones import BACKBONES, make_backbone
-from trainers.backbones.wav2vec2 import BASE_CONV_LAYERS, conv_frames, receptive_field
-from trainers.objectives import OBJECTIVES, make_objective
-from trainers.objectives.wav2vec2 import masked_frames, sample_negatives
+from selfsup.trainers.backbones import BACKBONES, make_backbone
+from selfsup.trainers.backbones.wav2vec2 import BASE_CONV_LAYERS, conv_frames, receptive_field
+from selfsup.trainers.objectives import OBJECTIVES, make_objective
+from selfsup.trainers.objectives.wav2vec2 import masked_frames, sample_negatives
 
 TINY = {
     "conv_dim": 32, "embed_dim": 32, "num_layers": 1, "num_heads": 2, "ffn_dim": 64,

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from pipeline.registry import Registry
+from selfsup.pipeline.registry import Registry
 
 BACKBONES: Registry[Any] = Registry("backbone")
 
@@ -25,6 +25,6 @@ def backbone_from_spec(spec: dict[str, Any]) -> nn.Module:
     return make_backbone(spec["backbone"], **dict(spec.get("backbone_args") or {}))
 
 
-from trainers.backbones import cnn, resnet, vit, audio, video, wav2vec2  # noqa: E402,F401
+from selfsup.trainers.backbones import cnn, resnet, vit, audio, video, wav2vec2  # noqa: E402,F401
 
 __all__ = ["BACKBONES", "backbone_from_spec", "make_backbone"]

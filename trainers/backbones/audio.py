@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from trainers.backbones import BACKBONES
+from selfsup.trainers.backbones import BACKBONES
 
 POOLS = ("sum", "cat")
 

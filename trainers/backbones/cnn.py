@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainers.backbones import BACKBONES
+from selfsup.trainers.backbones import BACKBONES
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:

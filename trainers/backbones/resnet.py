@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet as tv
 
-from trainers.backbones import BACKBONES
+from selfsup.trainers.backbones import BACKBONES
 
 
 def small_input_stem(model: tv.ResNet, in_channels: int, width: int) -> None:

@@ -9,7 +9,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from trainers.backbones import BACKBONES
+from selfsup.trainers.backbones import BACKBONES
 
 
 def _conv_bn_relu(in_ch: int, out_ch: int, kernel: tuple[int, int, int], stride: tuple[int, int, int]) -> list[nn.Module]:

@@ -12,8 +12,8 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from trainers.backbones import BACKBONES
-from trainers.backbones.tokenizers import make_tokenizer, sincos_pos_embed
+from selfsup.trainers.backbones import BACKBONES
+from selfsup.trainers.backbones.tokenizers import make_tokenizer, sincos_pos_embed
 
 
 def keep_indices(mask: torch.Tensor, num_tokens: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchaudio.models.wav2vec2.components import _get_encoder
 
-from trainers.backbones import BACKBONES
+from selfsup.trainers.backbones import BACKBONES
 
 # The paper's conv feature encoder: [channels, kernel, stride] per layer; 20 ms hop, 25 ms field.
 BASE_CONV_LAYERS: list[list[int]] = [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.registry import Registry
-from trainers.objectives.base import LossOutput
+from selfsup.pipeline.registry import Registry
+from selfsup.trainers.objectives.base import LossOutput
 
 OBJECTIVES: Registry[Any] = Registry("objective")
 
@@ -14,6 +14,6 @@ def make_objective(name: str, **args: Any) -> Any:
     return OBJECTIVES.get(name)(**args)
 
 
-from trainers.objectives import simclr, byol, barlow_twins, mae, wav2vec2  # noqa: E402,F401
+from selfsup.trainers.objectives import simclr, byol, barlow_twins, mae, wav2vec2  # noqa: E402,F401
 
 __all__ = ["OBJECTIVES", "LossOutput", "make_objective"]

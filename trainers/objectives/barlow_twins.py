@@ -6,10 +6,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from trainers.backbones import make_backbone
-from trainers.objectives import OBJECTIVES
-from trainers.objectives.base import LossOutput, split_decay
-from trainers.objectives.heads import batch_fields, feature_dim, mlp_head, world_size
+from selfsup.trainers.backbones import make_backbone
+from selfsup.trainers.objectives import OBJECTIVES
+from selfsup.trainers.objectives.base import LossOutput, split_decay
+from selfsup.trainers.objectives.heads import batch_fields, feature_dim, mlp_head, world_size
 
 
 def global_sum(x: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainers.backbones import make_backbone
-from trainers.objectives import OBJECTIVES
-from trainers.objectives.base import LossOutput, split_decay
-from trainers.objectives.heads import batch_fields, feature_dim, mlp_head
+from selfsup.trainers.backbones import make_backbone
+from selfsup.trainers.objectives import OBJECTIVES
+from selfsup.trainers.objectives.base import LossOutput, split_decay
+from selfsup.trainers.objectives.heads import batch_fields, feature_dim, mlp_head
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

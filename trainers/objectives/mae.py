@@ -12,12 +12,12 @@ from typing import Any, Optional, cast
 import torch
 from torch import nn
 
-from trainers.backbones import BACKBONES, make_backbone
-from trainers.backbones.tokenizers import sincos_pos_embed
-from trainers.backbones.vit import ViTBackbone, keep_indices, transformer_blocks
-from trainers.objectives import OBJECTIVES
-from trainers.objectives.base import LossOutput, split_decay
-from trainers.objectives.heads import batch_fields
+from selfsup.trainers.backbones import BACKBONES, make_backbone
+from selfsup.trainers.backbones.tokenizers import sincos_pos_embed
+from selfsup.trainers.backbones.vit import ViTBackbone, keep_indices, transformer_blocks
+from selfsup.trainers.objectives import OBJECTIVES
+from selfsup.trainers.objectives.base import LossOutput, split_decay
+from selfsup.trainers.objectives.heads import batch_fields
 
 INPUT_FIELD = {"image": "image", "video": "video", "audio": "spec"}
 DEFAULT_RATIO = {"image": 0.75, "video": 0.9, "audio": 0.8}

@@ -8,10 +8,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from trainers.backbones import make_backbone
-from trainers.objectives import OBJECTIVES
-from trainers.objectives.base import LossOutput, split_decay
-from trainers.objectives.heads import batch_fields, feature_dim, mlp_head, world_size
+from selfsup.trainers.backbones import make_backbone
+from selfsup.trainers.objectives import OBJECTIVES
+from selfsup.trainers.objectives.base import LossOutput, split_decay
+from selfsup.trainers.objectives.heads import batch_fields, feature_dim, mlp_head, world_size
 
 
 def nt_xent_local(

@@ -16,10 +16,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from trainers.backbones import make_backbone
-from trainers.backbones.wav2vec2 import Wav2Vec2Encoder, pool_valid, valid_mask
-from trainers.objectives import OBJECTIVES
-from trainers.objectives.base import LossOutput, split_decay
+from selfsup.trainers.backbones import make_backbone
+from selfsup.trainers.backbones.wav2vec2 import Wav2Vec2Encoder, pool_valid, valid_mask
+from selfsup.trainers.objectives import OBJECTIVES
+from selfsup.trainers.objectives.base import LossOutput, split_decay
 
 
 def masked_frames(mask: Tensor, frame_lengths: Tensor) -> tuple[Tensor, Tensor]:
