@@ -7,7 +7,7 @@ SELFSUP := $(VENV)/bin/selfsup
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup data demo test test-slow clean
+.PHONY: setup data demo test test-quick quality test-slow typecheck ci clean
 
 $(STAMP): constraints.txt pyproject.toml
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,23 @@ demo: data
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
-test-slow: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -m slow -p no:cacheprovider $(PYTEST_ARGS)
+# The quick end-to-end learning bars (one per modality, about 5 minutes each; CI runs them).
+test-quick: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m quick -p no:cacheprovider $(PYTEST_ARGS)
+
+# The full 20-minute representation-quality bars of docs/quality.md. Run them, and record their
+# figures, before landing any change to objectives, recipes, augmentations, backbones or the
+# sample path of the pipeline (CONTRIBUTING.md).
+quality: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m quality -p no:cacheprovider $(PYTEST_ARGS)
+
+test-slow: quality
+
+typecheck: $(STAMP)
+	@bash tests/typecheck.sh
+
+# What CI runs (.ci/run): the default suite, the quick bars, the type check.
+ci: test test-quick typecheck
 
 clean:
 	rm -rf runs .pytest_cache

@@ -11,14 +11,14 @@ from typing import Optional, Sequence
 # subcommand → module in jobs/ exposing add_parser(subparsers) and run(args) -> int
 COMMANDS = {
     "shards": "selfsup.jobs.shards_cmd",
-    "pretrain": "selfsup.jobs.pretrain",
-    "evaluate": "selfsup.jobs.evaluate",
-    "runs": "selfsup.jobs.runs",
-    "demo": "selfsup.jobs.demo",
-    "bench": "selfsup.jobs.bench",
-    "submit": "selfsup.jobs.submit",
-    "jobs": "selfsup.jobs.jobs_cmd",
-    "retrain": "selfsup.jobs.retrain",
+    "pretrain": "selfsup.jobs.commands.pretrain",
+    "evaluate": "selfsup.jobs.commands.evaluate",
+    "runs": "selfsup.jobs.commands.runs",
+    "demo": "selfsup.jobs.commands.demo",
+    "bench": "selfsup.jobs.commands.bench",
+    "submit": "selfsup.jobs.commands.submit",
+    "jobs": "selfsup.jobs.commands.jobs",
+    "retrain": "selfsup.jobs.commands.retrain",
 }
 
 

@@ -10,8 +10,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from selfsup.pipeline import manifest, storage, writer
-from selfsup.pipeline.sources import SOURCES, apply_filters, detect_source
+from selfsup.pipeline import ledger, manifest, storage, writer
+from selfsup.pipeline.media import EXTENSIONS
+from selfsup.pipeline.sources import (SOURCES, Source, SourceOptions, apply_filters, detect_source, make_source,
+                                     KeyReport, item_name, unique_keys)
 from selfsup.pipeline.verify import verify_dataset
 from selfsup.jobs.common import add_storage_args, human_bytes, storage_options
 
@@ -68,6 +70,8 @@ def add_parser(sub: Any) -> None:
     ls.add_argument("dest", metavar="DEST")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.add_argument("--totals", action="store_true", help="only the per-(modality, split) totals")
+    ls.add_argument("--items", action="store_true",
+                    help="the source items the dataset holds (name, sample key, shard), from its ledger")
     add_storage_args(ls)
     ls.set_defaults(run=run_ls)
 
@@ -84,7 +88,7 @@ def add_parser(sub: Any) -> None:
     rm.set_defaults(run=run_rm)
 
 
-def make_source(args: argparse.Namespace) -> tuple[Any, str]:
+def open_source(args: argparse.Namespace) -> tuple[Source, str]:
     """The source object for SOURCE and its type name; clear errors for mismatches."""
     root = os.path.abspath(args.source)
     if not os.path.exists(root):
@@ -92,37 +96,34 @@ def make_source(args: argparse.Namespace) -> tuple[Any, str]:
     if not os.path.isdir(root):
         raise ValueError(f"source {args.source} must be a folder")
     kind = detect_source(root, args.modality, args.source_type)
-    natural = {"fashion-mnist": "image", "fsdd": "audio", "moving-fashion-mnist": "video"}.get(kind)
+    natural = SOURCES.get(kind).natural_modality
     if natural and natural != args.modality:
         raise ValueError(f"{args.source} is a {kind} source ({natural}), not {args.modality}: "
                          f"use --modality {natural}")
     labels = args.labels
-    if labels == "auto":
+    if labels == "auto":  # a source's own labels go into probe splits only
         labels = "auto" if args.split.startswith("probe") else "none"
-    if kind == "folder":
-        return SOURCES.get(kind)(root, args.modality, "folder" if labels == "auto" else labels), kind
-    cls = SOURCES.get(kind)
-    kwargs: dict[str, Any] = {"labels": labels}
-    if "subset" in cls.__dataclass_fields__:
-        kwargs["subset"] = args.subset
-    if "seed" in cls.__dataclass_fields__:
-        kwargs["seed"] = args.seed
-    return cls(root, **kwargs), kind
+    options = SourceOptions(args.modality, labels, args.subset, args.seed)
+    return make_source(kind, root, options), kind
 
 
 def run_write(args: argparse.Namespace) -> int:
     """`selfsup shards write`."""
     opts = storage_options(args)
-    source, kind = make_source(args)
+    writer.check_split(args.split)
+    source, kind = open_source(args)
     storage.check_writable(args.dest, opts)
     items, label_names = source.items()
-    items = apply_filters(items, args.include, args.exclude,
-                          name=lambda it: str(it.ref) if isinstance(it.ref, str) else it.key)
+    items = apply_filters(items, args.include, args.exclude)
     if args.limit is not None:
         from selfsup.pipeline.seeding import rng_for
 
         keep = sorted(rng_for("limit", args.seed).permutation(len(items))[: args.limit])
         items = [items[int(i)] for i in keep]
+    items, keys = unique_keys(items)
+    if args.strict and keys.rejected:
+        name, why = keys.rejected[0]
+        raise ValueError(f"{name}: {why} (--strict)")
     if not items:
         raise ValueError(f"no items left in {args.source} after --include/--exclude/--limit")
     per_shard = writer.shard_sizes(items, args.samples_per_shard, args.shard_size)
@@ -131,41 +132,82 @@ def run_write(args: argparse.Namespace) -> int:
         if args.modality != "video":
             raise ValueError("--reencode applies to --modality video only")
         transform = _reencode
-    parts = {"source_type": kind, "source": source, "split": args.split, "modality": args.modality,
-             "include": args.include, "exclude": args.exclude, "limit": args.limit, "seed": args.seed,
-             "per_shard": per_shard, "reencode": args.reencode, "shuffle": not args.no_shuffle}
-    jobs = writer.plan_jobs(source, items, label_names, args.dest, args.modality, args.split, per_shard,
+    parts: dict[str, Any] = {
+        "source_type": kind, "source": source, "split": args.split, "modality": args.modality,
+        "include": args.include, "exclude": args.exclude, "limit": args.limit, "seed": args.seed,
+        "per_shard": per_shard, "reencode": args.reencode, "shuffle": not args.no_shuffle}
+    scope = writer.scope_digest(parts)
+    inc = writer.compare_with_dataset(items, ledger.read_holdings(args.dest, manifest.read_manifest(args.dest, opts),
+                                                                  opts), scope)
+    if inc.held:  # a rerun over a dataset holding some of these items: the rest become new shards
+        parts["pending"] = writer.job_digest({"names": sorted(item_name(it) for it in inc.pending)})
+    jobs = writer.plan_jobs(source, inc.pending, label_names, args.dest, args.modality, args.split, per_shard,
                             parts, args.seed, not args.no_shuffle, options=opts, strict=args.strict,
-                            transform=transform)
-    bar = tqdm(total=len(items), unit="sample", desc=f"shards write {args.split}", disable=args.quiet,
+                            transform=transform, scope=scope)
+    bar = tqdm(total=len(inc.pending), unit="sample", desc=f"shards write {args.split}", disable=args.quiet,
                file=sys.stderr)
     report = writer.run_jobs(jobs, args.workers, progress=bar.update, options=opts)
     bar.close()
-    print(f"{report.shards_written} shard(s) written, {report.shards_existing} already present, "
+    print(f"{report.shards_written} shard(s) written, {report.shards_existing + inc.shards_held} already present, "
           f"{report.samples} samples; {len(report.skipped)} unreadable source file(s) skipped"
           + (":" if report.skipped else ""))
     for ref, err in report.skipped[:50]:
         print(f"  skipped {ref}: {err}")
     if len(report.skipped) > 50:
         print(f"  ... and {len(report.skipped) - 50} more")
+    _print_keys(keys)
+    _print_increment(inc)
     return 0
+
+
+def _print_increment(inc: writer.Increment) -> None:
+    """What a rerun found already in the dataset, changed since, or gone from the source."""
+    if inc.held:
+        print(f"{inc.held} item(s) already in the dataset, {len(inc.pending)} new")
+    if inc.changed:
+        print(f"{len(inc.changed)} item(s) changed since they were written; not written (the dataset keeps "
+              "the version it has: `shards rm` the shard and rerun to replace it):")
+        for name, shard in inc.changed[:50]:
+            print(f"  changed {name} (in {shard})")
+    if inc.removed:
+        print(f"{len(inc.removed)} item(s) in the dataset are no longer in the source (kept)")
+    for name, key in inc.renamed[:50]:
+        print(f"  {name} -> key {key} (its key is held by another item)")
+
+
+def _print_keys(keys: KeyReport) -> None:
+    """Items whose sample key collided: renamed (deterministic suffix) or left out."""
+    if keys.renamed:
+        print(f"{len(keys.renamed)} item(s) share a sample key with another and got a suffix:")
+        for name, key in keys.renamed[:50]:
+            print(f"  {name} -> key {key}")
+    if keys.rejected:
+        print(f"{len(keys.rejected)} item(s) left out for their sample key:")
+        for name, why in keys.rejected[:50]:
+            print(f"  left out {name}: {why}")
 
 
 def _reencode(members: dict[str, bytes]) -> dict[str, bytes]:
     from selfsup.pipeline.modalities.video import reencode_mp4
 
-    ext = next(e for e in members if e in ("mp4", "avi", "mkv", "webm", "mov", "m4v"))
+    ext = next(e for e in members if e in EXTENSIONS["video"])
     return {**{k: v for k, v in members.items() if k != ext}, "mp4": reencode_mp4(members[ext])}
 
 
 def run_ls(args: argparse.Namespace) -> int:
     """`selfsup shards ls`."""
     opts = storage_options(args)
-    rows = manifest.read_manifest(args.dest, opts)
+    rows, bad = manifest.read_manifest_lenient(args.dest, opts)
+    for b in bad:  # named, then the readable parts are listed
+        print(f"warning: unreadable manifest part {b.describe()}; its rows are not listed "
+              "(move or delete it; `selfsup shards verify` reports it too)", file=sys.stderr)
     totals = manifest.summarize(rows)
+    if args.items:
+        return _print_items(ledger.read_holdings(args.dest, rows, opts), args.json)
     if args.json:
         shards = [{k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in r.items()} for r in rows]
         print(json.dumps({"dataset": storage.redact_url(args.dest), "totals": totals,
+                          "unreadable_parts": [{"part": storage.redact_url(b.url), "reason": b.reason} for b in bad],
                           **({} if args.totals else {"shards": shards})}, indent=2))
         return 0
     if not rows:
@@ -185,11 +227,23 @@ def run_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_items(held: ledger.Holdings, as_json: bool) -> int:
+    """`shards ls --items`: every source item held by a visible shard."""
+    items = [{"item": e.name, "key": e.key, "shard": e.shard} for e in held.entries]
+    if as_json:
+        print(json.dumps({"items": items, "shards_without_ledger": held.without_ledger}, indent=2))
+        return 0
+    for e in items:
+        print(f"{e['item']}  {e['key']}  {e['shard']}")
+    print(f"{len(items)} item(s)" + (f"; {len(held.without_ledger)} shard(s) written before ledgers "
+                                      "do not say which items they hold" if held.without_ledger else ""))
+    return 0
+
+
 def run_verify(args: argparse.Namespace) -> int:
     """`selfsup shards verify`: exit 1 if any shard is corrupt."""
     opts = storage_options(args)
-    rows = manifest.read_manifest(args.dest, opts)
-    bar = tqdm(total=len(rows), unit="shard", desc="verify", file=sys.stderr)
+    bar = tqdm(unit="shard", desc="verify", file=sys.stderr)
     checks = verify_dataset(args.dest, opts, progress=bar.update)
     bar.close()
     bad = [c for c in checks if not c.ok]

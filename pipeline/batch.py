@@ -85,7 +85,7 @@ class BatchMaker:
         _one_thread()
         self.spec = spec
         self.modality = make_modality(spec.snapshot.modality, **dict(spec.modality_args))
-        self.grid = self.modality.token_grid(spec.mask["geometry"]) if spec.mask else None
+        self.grid = self.modality.token_grid(spec.mask["geometry"]) if spec.mask is not None else None
         self._index = functools.lru_cache(maxsize=256)(self._load_index)
 
     def _load_index(self, shard: int) -> ShardIndex:
@@ -114,7 +114,7 @@ class BatchMaker:
         url = self.spec.snapshot.shards[shard].url
         rng = sample_rng(self.spec.seed, epoch, url, key)
         out = self.modality.sample(self.modality.decode(members), rng, self.spec.train)
-        if self.spec.mask is not None:
+        if self.spec.mask is not None and self.grid is not None:  # both or neither
             mrng = sample_rng(self.spec.seed, epoch, url, key, "mask")
             valid = self.modality.valid_tokens(out, self.spec.mask["geometry"])
             out["mask"] = make_mask(self.spec.mask, self.grid, mrng, valid=valid)
@@ -147,13 +147,15 @@ class BatchMaker:
                                "position": pos, "error": errors[slot][:500]})
         return self._stack(epoch, i, rows, samples, sorted(errors), n_valid, quarantine)
 
-    def _replacement(self, epoch: int, rows: list, samples: list, slot: int) -> Sample:
+    def _replacement(self, epoch: int, rows: list[tuple[int, int, str, dict[str, bytes]]],
+                     samples: list[Optional[Sample]], slot: int) -> Sample:
         """The sample at a stable-hash position of the same micro-batch fills a bad slot."""
         key = rows[slot][2]
         for attempt in range(MAX_REPLACEMENT_ATTEMPTS):
             j = stable_hash(self.spec.seed, epoch, key, attempt) % len(rows)
-            if samples[j] is not None:
-                return {k: v.copy() for k, v in samples[j].items()}  # type: ignore[union-attr]
+            found = samples[j]
+            if found is not None:
+                return {k: v.copy() for k, v in found.items()}
         good = [s for s in samples if s is not None]
         if good:
             return {k: v.copy() for k, v in good[0].items()}
@@ -166,7 +168,7 @@ class BatchMaker:
         pad = size - len(rows)
         if pad:
             blank = self.modality.blank(self.spec.train)
-            if self.spec.mask is not None:
+            if self.grid is not None:
                 blank["mask"] = np.zeros(int(np.prod(self.grid)), bool)
             samples = samples + [blank] * pad
         batch: dict[str, Any] = {k: np.stack([s[k] for s in samples]) for k in samples[0]}

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional, Sequence, TypeVar, Union
 
 import yaml
 
-from selfsup.pipeline.storage import is_secret_name, read_text
+from selfsup.pipeline.storage import is_secret_name, read_text, redact_text
 
 C = TypeVar("C")
 
@@ -91,7 +91,7 @@ def from_dict(schema: type[C], values: Mapping[str, Any], where: str = "") -> C:
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value if value is not None else {}, where)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
@@ -148,16 +148,20 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 
 
 def to_dict(cfg: Any, secrets: bool = False) -> dict[str, Any]:
-    """The config as plain data; credential-named values are dropped unless `secrets`."""
+    """The config as plain data; unless `secrets`, credential-named values are dropped (at any depth)
+    and credential-shaped strings masked (`sftp://u:***@host`, `AKIA…`, `Bearer …`)."""
     data = dataclasses.asdict(cfg)
     return data if secrets else _strip_secrets(data)
 
 
 def _strip_secrets(value: Any) -> Any:
+    """Drop credential-named entries at any depth; mask credential-shaped strings (URL passwords, keys)."""
     if isinstance(value, Mapping):
         return {k: _strip_secrets(v) for k, v in value.items() if not is_secret_name(str(k))}
-    if isinstance(value, list):
-        return [_strip_secrets(v) for v in value]
+    if isinstance(value, (list, tuple)):
+        return type(value)(_strip_secrets(v) for v in value)
+    if isinstance(value, str):
+        return redact_text(value)
     return value
 
 

@@ -3,16 +3,30 @@
 A shard becomes visible only when its row lands, after its bytes and index are fully written.
 Writers never rewrite a part, so concurrent writers lose nothing. Readers union every part,
 keep the newest row per shard path, and drop paths whose newest row is a tombstone.
+
+"Newest" is decided by part order, never by a writer's clock: each part is created as
+`part-<12-digit number>.parquet` by a conditional create of the next free number, so a part's
+number is above every part its writer could see (a tombstone always follows the row it retires),
+and within a part later rows win. Parts of older manifests (`part-<timestamp>-<writer>.parquet`,
+and any part on a store without conditional creates) come first, ordered by `created_at` as before.
+
+A part that cannot be read (empty, not Parquet, wrong schema, a shard path that leaves the
+dataset) is named in a `BadPart`: readers that train raise `ManifestError` naming it; `shards ls`
+and `shards verify` report it and go on with the readable parts.
 """
 from __future__ import annotations
 
 import datetime as dt
 import io
 import json
+import logging
 import os
+import posixpath
+import re
 import socket
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
 import pyarrow as pa
@@ -20,6 +34,7 @@ import pyarrow.parquet as pq
 
 from selfsup.pipeline import storage
 
+log = logging.getLogger(__name__)
 MANIFEST_DIR = "_manifest"
 SCHEMA = pa.schema([
     ("path", pa.string()),          # shard path relative to the dataset root
@@ -35,6 +50,24 @@ SCHEMA = pa.schema([
     ("meta", pa.string()),          # JSON: source description, label names, ...
 ])
 COLUMNS = [f.name for f in SCHEMA]
+SEQ_PART = re.compile(r"^part-(\d{12})\.parquet$")  # a numbered part; anything else is a legacy part
+MAX_CLAIMS = 1000  # conditional creates tried before giving up (each lost race moves one number on)
+
+
+class ManifestError(ValueError):
+    """The manifest has parts that cannot be read; the message names each."""
+
+
+@dataclass(frozen=True)
+class BadPart:
+    """A manifest part that cannot be read, and why."""
+
+    url: str
+    reason: str
+
+    def describe(self) -> str:
+        """'<url>: <reason>' with credentials redacted."""
+        return f"{storage.redact_url(self.url)}: {self.reason}"
 
 
 def writer_id() -> str:
@@ -49,17 +82,49 @@ def now_utc() -> dt.datetime:
 
 def append_rows(dataset: str, rows: Sequence[Mapping[str, Any]],
                 options: Optional[Mapping[str, Any]] = None) -> str:
-    """Write `rows` as one new Parquet part (atomic); returns the part's URL."""
+    """Write `rows` as one new Parquet part (atomic, numbered after every visible part); returns its URL."""
     if not rows:
         raise ValueError("append_rows needs at least one row")
     full = [{**_defaults(), **r} for r in rows]
+    for r in full:
+        check_row_paths(r)
     table = pa.Table.from_pylist(full, schema=SCHEMA)
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    stamp = full[0]["created_at"].strftime("%Y%m%dT%H%M%S%fZ")
-    name = f"part-{stamp}-{full[0]['writer_id']}-{uuid.uuid4().hex[:8]}.parquet"
-    url = storage.join(dataset, MANIFEST_DIR, name)
-    storage.write_bytes(url, buf.getvalue(), options)
+    data = buf.getvalue()
+    folder = storage.join(dataset, MANIFEST_DIR)
+    n = next_part_number(storage.listdir(folder, options))
+    for _ in range(MAX_CLAIMS):
+        url = storage.join(folder, f"part-{n:012d}.parquet")
+        try:
+            if storage.write_if_absent(url, data, options) or _is_ours(url, data, options):
+                return url
+        except ValueError:  # a store without conditional creates: a legacy part, ordered by clock
+            return _append_legacy(folder, full[0], data, options)
+        n += 1  # another writer took this number: the next one is still after all we saw
+    raise RuntimeError(f"could not claim a manifest part number under {storage.redact_url(folder)} "
+                       f"after {MAX_CLAIMS} tries (too many concurrent writers?)")
+
+
+def next_part_number(urls: Sequence[str]) -> int:
+    """One past the highest numbered part among `urls` (0 when there is none)."""
+    numbers = [int(m.group(1)) for m in (SEQ_PART.match(posixpath.basename(u)) for u in urls) if m]
+    return max(numbers, default=-1) + 1
+
+
+def _is_ours(url: str, data: bytes, options: Optional[Mapping[str, Any]]) -> bool:
+    """Whether the part at `url` holds exactly `data` (a create whose reply was lost; rows carry a unique writer id)."""
+    try:
+        return storage.read_bytes(url, options=options) == data
+    except FileNotFoundError:
+        return False
+
+
+def _append_legacy(folder: str, first: Mapping[str, Any], data: bytes,
+                   options: Optional[Mapping[str, Any]]) -> str:
+    stamp = first["created_at"].strftime("%Y%m%dT%H%M%S%fZ")
+    url = storage.join(folder, f"part-{stamp}-{first['writer_id']}-{uuid.uuid4().hex[:8]}.parquet")
+    storage.write_bytes(url, data, options)
     return url
 
 
@@ -68,37 +133,115 @@ def _defaults() -> dict[str, Any]:
             "index": None, "modality": "", "split": "", "n_samples": 0, "n_bytes": 0, "sha256": ""}
 
 
+def is_safe_relpath(path: Any) -> bool:
+    """Whether `path` names a file inside the dataset: relative, no scheme, no '..', no empty part."""
+    if not isinstance(path, str) or not path or "://" in path or "\\" in path or "\x00" in path:
+        return False
+    parts = path.split("/")
+    return not path.startswith("/") and all(p not in ("", ".", "..") for p in parts)
+
+
+def check_row_paths(row: Mapping[str, Any]) -> None:
+    """Raise ValueError unless the row's shard and index paths stay inside the dataset."""
+    for col in ("path", "index"):
+        value = row.get(col)
+        if (col == "path" or value is not None) and not is_safe_relpath(value):
+            raise ValueError(f"manifest row {col} {value!r} is not a relative path inside the dataset")
+
+
+def part_urls(dataset: str, options: Optional[Mapping[str, Any]] = None) -> list[str]:
+    """The URLs of every manifest part, in manifest order: legacy parts by name, then numbered parts by number."""
+    parts = [u for u in storage.listdir(storage.join(dataset, MANIFEST_DIR), options) if u.endswith(".parquet")]
+
+    def order(url: str) -> tuple[int, int, str]:
+        m = SEQ_PART.match(posixpath.basename(url))
+        return (1, int(m.group(1)), "") if m else (0, 0, posixpath.basename(url))
+
+    return sorted(parts, key=order)
+
+
+def read_part(url: str, options: Optional[Mapping[str, Any]] = None) -> pa.Table:
+    """One part as a table of SCHEMA; ValueError saying what is wrong when it is not a valid part."""
+    data = storage.read_bytes(url, options=options)
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"not a Parquet file ({e})") from None
+    missing = [c for c in COLUMNS if c not in table.column_names]
+    if missing:
+        raise ValueError(f"lacks column(s) {', '.join(missing)}")
+    try:
+        table = table.select(COLUMNS).cast(SCHEMA)
+    except (pa.ArrowException, ValueError) as e:
+        raise ValueError(f"columns of the wrong type ({e})") from None
+    for row in table.select(["path", "index"]).to_pylist():
+        check_row_paths(row)
+    return table
+
+
+def scan_parts(dataset: str, options: Optional[Mapping[str, Any]] = None) -> tuple[pa.Table, list[BadPart]]:
+    """Every row of every readable part in manifest order (history included), and the parts that are not."""
+    urls = part_urls(dataset, options)
+    if not urls:
+        return SCHEMA.empty_table(), []
+
+    def read(url: str) -> pa.Table | BadPart:
+        try:
+            return read_part(url, options)
+        except ValueError as e:
+            return BadPart(url, str(e))
+
+    with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:
+        results = list(pool.map(read, urls))
+    bad = [r for r in results if isinstance(r, BadPart)]
+    legacy = [r for u, r in zip(urls, results) if isinstance(r, pa.Table) and not SEQ_PART.match(posixpath.basename(u))]
+    numbered = [r for u, r in zip(urls, results) if isinstance(r, pa.Table) and SEQ_PART.match(posixpath.basename(u))]
+    if legacy:  # clock order among legacy parts, as older versions read them (a tie: the tombstone last)
+        legacy = [pa.concat_tables(legacy).sort_by([("created_at", "ascending"), ("tombstone", "ascending")])]
+    tables = legacy + numbered
+    return (pa.concat_tables(tables) if tables else SCHEMA.empty_table()), bad
+
+
+def raise_bad_parts(bad: Sequence[BadPart]) -> None:
+    """ManifestError naming every bad part and what to do, if there is any."""
+    if bad:
+        raise ManifestError("unreadable manifest part(s): " + "; ".join(b.describe() for b in bad)
+                            + " — move or delete them (`selfsup shards ls` lists the readable shards)")
+
+
 def read_parts(dataset: str, options: Optional[Mapping[str, Any]] = None) -> pa.Table:
-    """Every row of every manifest part (history included), in no particular order."""
-    parts = [u for u in storage.listdir(storage.join(dataset, MANIFEST_DIR), options)
-             if u.endswith(".parquet")]
-    if not parts:
-        return SCHEMA.empty_table()
-
-    def read(url: str) -> pa.Table:
-        return pq.read_table(io.BytesIO(storage.read_bytes(url, options=options))).cast(SCHEMA)
-
-    with ThreadPoolExecutor(max_workers=min(16, len(parts))) as pool:
-        tables = list(pool.map(read, parts))
-    return pa.concat_tables(tables)
+    """Every row of every manifest part (history included), in manifest order; ManifestError on a bad part."""
+    table, bad = scan_parts(dataset, options)
+    raise_bad_parts(bad)
+    return table
 
 
 def visible_rows(table: pa.Table, as_of: Optional[dt.datetime] = None) -> list[dict[str, Any]]:
-    """The newest row per shard path (as of a time, if given), tombstoned paths dropped, sorted by path."""
+    """The last row per shard path in manifest order (among rows created by `as_of`, if given),
+    tombstoned paths dropped, sorted by path."""
     newest: dict[str, dict[str, Any]] = {}
     for row in table.to_pylist():
         if as_of is not None and row["created_at"] > as_of:
             continue
-        cur = newest.get(row["path"])
-        if cur is None or (row["created_at"], row["tombstone"]) > (cur["created_at"], cur["tombstone"]):
-            newest[row["path"]] = row
+        newest[row["path"]] = row
     return [newest[p] for p in sorted(newest) if not newest[p]["tombstone"]]
 
 
 def read_manifest(dataset: str, options: Optional[Mapping[str, Any]] = None,
                   as_of: Optional[dt.datetime] = None) -> list[dict[str, Any]]:
-    """The visible shards of a dataset: one dict per shard, sorted by path."""
+    """The visible shards of a dataset: one dict per shard, sorted by path; ManifestError on a bad part."""
     return visible_rows(read_parts(dataset, options), as_of)
+
+
+def read_manifest_lenient(dataset: str, options: Optional[Mapping[str, Any]] = None
+                          ) -> tuple[list[dict[str, Any]], list[BadPart]]:
+    """The visible shards of the readable parts, and the parts that could not be read (for ls and verify)."""
+    table, bad = scan_parts(dataset, options)
+    for b in bad:
+        log.warning("skipping unreadable manifest part %s", b.describe())
+    return visible_rows(table), bad
 
 
 def tombstone(dataset: str, paths: Sequence[str], options: Optional[Mapping[str, Any]] = None) -> int:
@@ -109,7 +252,7 @@ def tombstone(dataset: str, paths: Sequence[str], options: Optional[Mapping[str,
         raise ValueError(f"not visible in {storage.redact_url(dataset)}: {', '.join(missing)} "
                          "(see `selfsup shards ls`)")
     rows = [{**visible[p], "tombstone": True, "created_at": now_utc(), "writer_id": writer_id()}
-            for p in paths]
+            for p in dict.fromkeys(paths)]
     if rows:
         append_rows(dataset, rows, options)
     return len(rows)
@@ -122,14 +265,15 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         g = groups.setdefault((r["modality"], r["split"]), {
             "modality": r["modality"], "split": r["split"], "shards": 0, "samples": 0, "bytes": 0})
         g["shards"] += 1
-        g["samples"] += int(r["n_samples"])
-        g["bytes"] += int(r["n_bytes"])
+        g["samples"] += int(r["n_samples"] or 0)
+        g["bytes"] += int(r["n_bytes"] or 0)
     return [groups[k] for k in sorted(groups)]
 
 
 def row_meta(row: Mapping[str, Any]) -> dict[str, Any]:
     """The parsed `meta` JSON of a manifest row."""
     try:
-        return json.loads(row.get("meta") or "{}")
+        meta = json.loads(row.get("meta") or "{}")
     except json.JSONDecodeError:
         return {}
+    return meta if isinstance(meta, dict) else {}

@@ -284,7 +284,7 @@ def conv_frames(num_samples: int, conv_layers: Sequence[Sequence[int]]) -> int:
 def _sizes(value: object, rank: int, name: str) -> tuple[int, ...]:
     """A geometry entry as `rank` positive ints (an int repeats); raises naming `name`."""
     sizes = (value,) * rank if isinstance(value, Integral) else tuple(value) if isinstance(value, Sequence) else ()
-    if len(sizes) != rank or not all(isinstance(s, Integral) and not isinstance(s, bool) and s > 0 for s in sizes):
+    if len(sizes) != rank or not all(isinstance(s, Integral) and not isinstance(s, bool) and int(s) > 0 for s in sizes):
         raise ValueError(f"geometry {name}={value!r} must be {rank} positive int(s)")
     return tuple(int(s) for s in sizes)
 

@@ -160,8 +160,8 @@ def plan_epoch(snapshot: Snapshot, seed: int, epoch: int, batch_size: int, mix: 
     per_source: dict[str, list[tuple[int, list[tuple[int, int]]]]] = {}
     for i, s in enumerate(snapshot.shards):
         if s.n_samples:
-            runs = _shard_runs(s.n_samples, length, rng_for("runs", seed, epoch, s.url))
-            per_source.setdefault(s.source, []).append((i, runs))
+            cuts = _shard_runs(s.n_samples, length, rng_for("runs", seed, epoch, s.url))
+            per_source.setdefault(s.source, []).append((i, cuts))
     streams = {}
     for source, shard_runs in per_source.items():
         shard_runs = _take_quota(shard_runs, quotas[source], rng_for("quota", seed, epoch, source))

@@ -23,7 +23,11 @@ SNAPSHOT_FILE = "manifest.parquet"
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """One dataset to draw from: its URL, which split, and its mixing weight (None = by size)."""
+    """One dataset to draw from: its URL, which split, and its mixing weight (None = by size).
+
+    Also the config schema of each `data.sources` entry (trainers/config.py), so a loaded config's
+    sources go to build_snapshot as they are.
+    """
 
     url: str
     split: str = "pretrain"

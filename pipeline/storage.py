@@ -22,10 +22,12 @@ from typing import Any, Callable, Iterator, Mapping, Optional, TypeVar
 
 import fsspec
 
+from selfsup.pipeline.redaction import (SECRET_WORDS, is_secret_name, redact,  # noqa: F401 - re-exported
+                                        redact_text, redact_url)
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SECRET_WORDS = ("secret", "password", "token", "credential", "session", "private", "key")
 _PROTOCOL_ALIASES = {"s3a": "s3", "gcs": "gs", "": "file", "local": "file"}
 _NOT_TRANSIENT = (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError,
                   NotADirectoryError, ValueError, TypeError, KeyError)
@@ -36,6 +38,7 @@ _TRANSIENT_ERRNOS = {errno.EIO, errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIM
                      errno.EPIPE, errno.EAGAIN, errno.EBUSY, errno.ENETUNREACH, errno.EHOSTUNREACH}
 
 RETRIES = int(os.environ.get("SELFSUP_IO_RETRIES", "5"))
+WRITE_TOKEN = "selfsup-write"  # object metadata naming the call that wrote a conditional write
 
 
 # ---------------------------------------------------------------- URLs and filesystems
@@ -108,38 +111,6 @@ def full_url(url: str) -> str:
     return local_path(url) if is_local(url) else url
 
 
-# ---------------------------------------------------------------- secrets
-
-def is_secret_name(name: str) -> bool:
-    """Whether an option/config name holds a credential (key, secret, token, password...)."""
-    low = name.lower()
-    if low in ("key", "keys") or low.endswith("_key") or low.startswith("key_"):
-        return low not in ("label_key", "sort_key")
-    return any(w in low for w in SECRET_WORDS if w != "key")
-
-
-def redact(value: Any) -> Any:
-    """A copy of nested dicts/lists with every credential-named value replaced by '***'."""
-    if isinstance(value, Mapping):
-        return {k: ("***" if is_secret_name(str(k)) and v not in (None, "") else redact(v))
-                for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(redact(v) for v in value)
-    return value
-
-
-def redact_url(url: str) -> str:
-    """A URL without user:password@ or query-string credentials."""
-    if "://" not in url:
-        return url
-    proto, rest = url.split("://", 1)
-    host, sep, path = rest.partition("/")
-    if "@" in host:
-        host = "***@" + host.rsplit("@", 1)[1]
-    path = path.split("?", 1)[0]
-    return f"{proto}://{host}{sep}{path}"
-
-
 # ---------------------------------------------------------------- retries
 
 def is_transient(exc: BaseException) -> bool:
@@ -187,7 +158,22 @@ def read_bytes(url: str, start: Optional[int] = None, end: Optional[int] = None,
             raise OSError(errno.EIO, f"short read: wanted {end - start} bytes, got {len(data)}")
         return data
 
-    return retrying(read, url)
+    try:
+        return retrying(read, url)
+    except FileNotFoundError:
+        lines = _line_log(url, options, "read") if start is None and end is None else None
+        if lines is None:
+            raise
+        return lines
+
+
+def _line_log(url: str, options: Optional[Mapping[str, Any]], op: str) -> Any:
+    """Call linelog.`op` for object stores that keep appended files as line logs (None elsewhere)."""
+    if protocol_of(url) not in ("s3", "gs"):
+        return None
+    from selfsup.pipeline import linelog
+
+    return getattr(linelog, op)(url, options)
 
 
 def read_text(url: str, options: Optional[Mapping[str, Any]] = None) -> str:
@@ -198,17 +184,23 @@ def read_text(url: str, options: Optional[Mapping[str, Any]] = None) -> str:
 def exists(url: str, options: Optional[Mapping[str, Any]] = None) -> bool:
     """Whether an object or folder exists at `url`."""
     fs, path = filesystem(url, options)
-    return retrying(lambda: fs.exists(path), url)
+    return bool(retrying(lambda: fs.exists(path), url) or _line_log(url, options, "exists"))
 
 
 def size(url: str, options: Optional[Mapping[str, Any]] = None) -> int:
     """The size in bytes of the object at `url`."""
     fs, path = filesystem(url, options)
-    return int(retrying(lambda: fs.size(path), url))
+    try:
+        return int(retrying(lambda: fs.size(path), url))
+    except FileNotFoundError:
+        lines = _line_log(url, options, "read")
+        if lines is None:
+            raise
+        return len(lines)
 
 
 def listdir(url: str, options: Optional[Mapping[str, Any]] = None) -> list[str]:
-    """Full URLs of the entries directly under `url` (empty if it does not exist)."""
+    """Full URLs of the entries directly under `url` (empty if it does not exist; line files as one)."""
     fs, path = filesystem(url, options)
 
     def ls() -> list[str]:
@@ -219,7 +211,12 @@ def listdir(url: str, options: Optional[Mapping[str, Any]] = None) -> list[str]:
             return []
 
     names = retrying(ls, url)
-    return [_rebuild(url, path, n) for n in names if n.rstrip("/") != path.rstrip("/")]
+    out = [_rebuild(url, path, n) for n in names if n.rstrip("/") != path.rstrip("/")]
+    if protocol_of(url) in ("s3", "gs"):  # a line file's folder of parts lists as the file itself
+        from selfsup.pipeline.linelog import SUFFIX
+
+        out = sorted({u.rstrip("/")[: -len(SUFFIX)] if u.rstrip("/").endswith(SUFFIX) else u for u in out})
+    return out
 
 
 def _rebuild(url: str, path: str, entry: str) -> str:
@@ -298,6 +295,8 @@ def delete(url: str, recursive: bool = False, options: Optional[Mapping[str, Any
             pass
 
     retrying(rm, url)
+    if not recursive:
+        _line_log(url, options, "delete")
 
 
 def check_writable(url: str, options: Optional[Mapping[str, Any]] = None) -> None:
@@ -378,27 +377,7 @@ def write_if_absent(url: str, data: bytes, options: Optional[Mapping[str, Any]] 
             return False
         finally:
             os.unlink(tmp)
-    fs, path = filesystem(url, options)
-    if protocol == "s3":
-        bucket, key, _ = fs.split_path(path)
-        try:
-            retrying(lambda: fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data,
-                                        IfNoneMatch="*"), url)
-            return True
-        except (FileExistsError, OSError) as e:
-            if _precondition_failed(e):
-                return False
-            raise
-    if protocol == "gs":
-        try:
-            fs.pipe_file(path, data, if_generation_match=0)  # type: ignore[call-arg]
-            return True
-        except Exception as e:  # noqa: BLE001 - gcsfs raises HttpError 412
-            if "412" in str(e) or "Precondition" in str(e):
-                return False
-            raise
-    raise ValueError(f"conditional writes are not supported on {protocol}:// "
-                     "(use a local path, s3:// or gs:// for leases)")
+    return _remote_conditional_put(url, data, None, options)
 
 
 def write_if_version(url: str, data: bytes, version: str,
@@ -412,27 +391,66 @@ def write_if_version(url: str, data: bytes, version: str,
                 return False
             _local_atomic_write(p, data)
             return True
+    return _remote_conditional_put(url, data, version, options)
+
+
+def _remote_conditional_put(url: str, data: bytes, version: Optional[str],
+                            options: Optional[Mapping[str, Any]]) -> bool:
+    """PUT `data` if absent (version None) or if still at `version`, on s3:// or gs://.
+
+    Each call tags its object with a fresh write token (object metadata). A reply that is lost
+    after the store applied the write makes the retry (ours or the client library's) meet
+    "precondition failed"; so on a failed precondition or an ambiguous error the object is read
+    back, and the call succeeded exactly when the stored token is this call's.
+    """
+    protocol = protocol_of(url)
+    if protocol not in ("s3", "gs"):
+        raise ValueError(f"conditional writes are not supported on {protocol}:// "
+                         "(use a local path, s3:// or gs:// for leases)")
     fs, path = filesystem(url, options)
+    token = uuid.uuid4().hex
+    meta = {WRITE_TOKEN: token}
     if protocol == "s3":
         bucket, key, _ = fs.split_path(path)
-        try:
-            retrying(lambda: fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data,
-                                        IfMatch=version), url)
-            return True
-        except (FileNotFoundError, FileExistsError, OSError) as e:
-            if _precondition_failed(e) or isinstance(e, FileNotFoundError):
-                return False
+        cond = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+
+        def put() -> None:
+            fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, Metadata=meta, **cond)
+    else:
+        gen = 0 if version is None else int(version)
+
+        def put() -> None:
+            fs.pipe_file(path, data, if_generation_match=gen, metadata=meta)
+    try:
+        retrying(put, url)
+        return True
+    except BaseException as e:  # noqa: BLE001 - sorted below
+        lost = isinstance(e, FileNotFoundError) or _precondition_failed(e)
+        if not lost and not is_transient(e):
             raise
-    if protocol == "gs":
-        try:
-            fs.pipe_file(path, data, if_generation_match=int(version))  # type: ignore[call-arg]
+        if _write_token(fs, protocol, path, url) == token:
+            log.info("conditional write to %s: reply lost, read back: it landed", redact_url(url))
             return True
-        except Exception as e:  # noqa: BLE001
-            if "412" in str(e) or "Precondition" in str(e):
-                return False
-            raise
-    raise ValueError(f"conditional writes are not supported on {protocol}:// "
-                     "(use a local path, s3:// or gs:// for leases)")
+        if lost:
+            return False
+        raise
+
+
+def _write_token(fs: Any, protocol: str, path: str, url: str) -> Optional[str]:
+    """The write token stored with the object at `path` (None if absent or untagged)."""
+    def head() -> Optional[str]:
+        try:
+            if protocol == "s3":
+                bucket, key, _ = fs.split_path(path)
+                meta = fs.call_s3("head_object", Bucket=bucket, Key=key).get("Metadata") or {}
+            else:
+                fs.invalidate_cache(path)
+                meta = fs.info(path).get("metadata") or {}
+        except FileNotFoundError:
+            return None
+        return meta.get(WRITE_TOKEN)
+
+    return retrying(head, url)
 
 
 def _precondition_failed(e: BaseException) -> bool:
@@ -459,10 +477,10 @@ def _local_lock(path: str) -> Iterator[None]:
 
 
 def append_line(url: str, line: str, options: Optional[Mapping[str, Any]] = None) -> None:
-    """Append one text line to `url`, safe against concurrent appenders.
+    """Append one text line to `url`, safe against concurrent appenders, at a cost of O(line).
 
-    Local files use O_APPEND under a lock; object stores read-modify-write with a
-    conditional write, retried when another writer got there first.
+    Local files use O_APPEND under a lock; s3:// and gs:// add one small object per line with a
+    conditional create (pipeline/linelog.py), read back as one file by `read_bytes`/`read_text`.
     """
     text = line.rstrip("\n") + "\n"
     if is_local(url):
@@ -473,19 +491,14 @@ def append_line(url: str, line: str, options: Optional[Mapping[str, Any]] = None
                 f.flush()
                 os.fsync(f.fileno())
         return
-    if protocol_of(url) not in ("s3", "gs"):  # e.g. memory://: one process, no contention
-        old = read_bytes(url, options=options) if exists(url, options) else b""
-        write_bytes(url, old + text.encode(), options)
+    if protocol_of(url) in ("s3", "gs"):
+        from selfsup.pipeline import linelog
+
+        linelog.append(url, text, options)
         return
-    for _ in range(50):
-        data, version = read_versioned(url, options)
-        if data is None:
-            if write_if_absent(url, text.encode(), options):
-                return
-        elif write_if_version(url, data + text.encode(), version or "", options):
-            return
-        time.sleep(0.05 * random.random())
-    raise OSError(errno.EAGAIN, f"could not append to {redact_url(url)}: too much contention")
+    # e.g. memory://: one process, no contention, no conditional writes
+    old = read_bytes(url, options=options) if exists(url, options) else b""
+    write_bytes(url, old + text.encode(), options)
 
 
 def arrow_filesystem(url: str, options: Optional[Mapping[str, Any]] = None) -> tuple[Any, str]:

@@ -40,4 +40,4 @@ def start_stream(spec: FeedSpec, num_cpus: float = 1.0, resources: Optional[Mapp
         opts["resources"] = dict(resources)
     if name:
         opts["name"] = name
-    return ShardStream.options(**opts).remote(spec)
+    return ShardStream.options(**opts).remote(spec)  # type: ignore[attr-defined]  # @ray.remote made it an actor class

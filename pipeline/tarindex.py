@@ -30,6 +30,19 @@ def split_name(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1:]
 
 
+def key_problem(key: str) -> Optional[str]:
+    """Why `key` cannot name a sample in a tar (it would split or escape), or None when it can."""
+    if not key:
+        return "the key is empty"
+    if "." in key[key.rfind("/") + 1:]:
+        return f"key {key!r} has a dot, which would start the member's extension"
+    if key.startswith("/") or any(part in ("", ".", "..") for part in key.split("/")):
+        return f"key {key!r} is not a relative name (leading '/', empty, '.' or '..' part)"
+    if any(ord(c) < 32 or c in "\\\x7f" for c in key):
+        return f"key {key!r} holds a control character or backslash"
+    return None
+
+
 @dataclass(frozen=True)
 class ShardIndex:
     """Byte layout of one shard: per sample key, [start, end) and members {ext: (offset, size, crc)}."""
@@ -53,25 +66,54 @@ class ShardIndex:
 
     @staticmethod
     def from_json(text: str | bytes, where: str = "index") -> "ShardIndex":
-        """Parse an index; raises ValueError naming `where` when it is not one."""
+        """Parse an index; raises ValueError naming `where` and the bad field when it is not one."""
         try:
             d = json.loads(text)
-            if d.get("format") != INDEX_FORMAT:
-                raise ValueError(f"format is {d.get('format')!r}, expected {INDEX_FORMAT!r}")
-            idx = ShardIndex(
-                shard=str(d["shard"]), keys=tuple(d["keys"]), starts=tuple(d["starts"]),
-                ends=tuple(d["ends"]),
-                members=tuple({ext: tuple(v) for ext, v in m.items()} for m in d["members"]),
-            )
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, TypeError) as e:
             raise ValueError(f"{where} is not a valid selfsup shard index: {e}") from None
-        if not (len(idx.keys) == len(idx.starts) == len(idx.ends) == len(idx.members) == d["n_samples"]):
-            raise ValueError(f"{where}: index arrays disagree in length")
-        return idx
+        problem = index_problem(d)
+        if problem:
+            raise ValueError(f"{where} is not a valid selfsup shard index: {problem}")
+        return ShardIndex(
+            shard=d["shard"], keys=tuple(d["keys"]), starts=tuple(d["starts"]), ends=tuple(d["ends"]),
+            members=tuple({ext: (v[0], v[1], v[2]) for ext, v in m.items()} for m in d["members"]),
+        )
 
     def span(self, lo: int, hi: int) -> tuple[int, int]:
         """Byte range [start, end) holding samples lo..hi-1."""
         return self.starts[lo], self.ends[hi - 1]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def index_problem(d: Any) -> Optional[str]:
+    """What makes the parsed JSON `d` not a shard index (a missing field, a wrong type), or None."""
+    if not isinstance(d, dict):
+        return f"expected a JSON object, found {type(d).__name__}"
+    if d.get("format") != INDEX_FORMAT:
+        return f"format is {d.get('format')!r}, expected {INDEX_FORMAT!r}"
+    for name, kind in (("shard", str), ("n_samples", int), ("keys", list), ("starts", list), ("ends", list),
+                       ("members", list)):
+        if name not in d:
+            return f"field {name!r} is missing"
+        if not isinstance(d[name], kind) or isinstance(d[name], bool):
+            return f"field {name!r} is {type(d[name]).__name__}, expected {kind.__name__}"
+    n = d["n_samples"]
+    if not len(d["keys"]) == len(d["starts"]) == len(d["ends"]) == len(d["members"]) == n:
+        return "index arrays disagree in length"
+    if not all(isinstance(k, str) and k for k in d["keys"]):
+        return "a key is not a non-empty string"
+    if not all(_is_int(a) and _is_int(b) and a <= b for a, b in zip(d["starts"], d["ends"])):
+        return "a sample's [start, end) is not a pair of ordered non-negative integers"
+    for key, m in zip(d["keys"], d["members"]):
+        if not isinstance(m, dict) or not m:
+            return f"members of {key!r} are not a non-empty object"
+        for ext, v in m.items():
+            if not (isinstance(v, list) and len(v) == 3 and all(_is_int(x) for x in v)):
+                return f"member {key}.{ext} is not [offset, size, crc] of non-negative integers"
+    return None
 
 
 def index_tar(fileobj: IO[bytes], shard: str) -> ShardIndex:

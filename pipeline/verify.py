@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import posixpath
 import tarfile
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from selfsup.pipeline import manifest, storage
+from selfsup.pipeline import ledger, manifest, storage
 from selfsup.pipeline.tarindex import ShardIndex, split_name
 
 
@@ -35,15 +36,24 @@ def verify_shard(dataset: str, row: Mapping[str, Any], options: Optional[Mapping
         return check
     if hashlib.sha256(data).hexdigest() != row["sha256"]:
         check.problems.append("sha256 differs from the manifest")
-    if len(data) != int(row["n_bytes"]):
+    if len(data) != row["n_bytes"]:
         check.problems.append(f"size {len(data)} differs from the manifest's {row['n_bytes']}")
+    if not row["index"]:
+        check.problems.append("the manifest row names no index")
+        return check
     try:
         index = ShardIndex.from_json(storage.read_bytes(storage.join(dataset, row["index"]), options=options),
                                      row["index"])
     except (FileNotFoundError, ValueError) as e:
         check.problems.append(f"index unusable: {e}")
         return check
-    if len(index) != int(row["n_samples"]):
+    try:
+        held = ledger.read_shard_ledger(dataset, row["path"], options)
+        if held is not None and [e.key for e in held] != list(index.keys):
+            check.problems.append("its ledger names other samples than its index")
+    except ValueError as e:
+        check.problems.append(f"ledger unusable: {e}")
+    if len(index) != row["n_samples"]:
         check.problems.append(f"index has {len(index)} samples, manifest says {row['n_samples']}")
     for i, key in enumerate(index.keys):
         for ext, (off, size, crc) in index.members[i].items():
@@ -78,10 +88,22 @@ def _check_tar(data: bytes, index: ShardIndex, check: ShardCheck) -> None:
 
 def verify_dataset(dataset: str, options: Optional[Mapping[str, Any]] = None,
                    progress: Any = None) -> list[ShardCheck]:
-    """Verify every visible shard of a dataset."""
-    out = []
-    for row in manifest.read_manifest(dataset, options):
-        out.append(verify_shard(dataset, row, options))
+    """Verify every visible shard of a dataset, and name every manifest part that cannot be read.
+
+    One bad shard or part never stops the check: each gets its own verdict.
+    """
+    rows, bad_parts = manifest.read_manifest_lenient(dataset, options)
+    out = [ShardCheck(_part_name(b.url), [f"manifest part unreadable: {b.reason}"]) for b in bad_parts]
+    for row in rows:
+        try:
+            out.append(verify_shard(dataset, row, options))
+        except Exception as e:  # noqa: BLE001 - a verdict per shard; verify must reach every shard
+            out.append(ShardCheck(row["path"], [f"cannot be checked: {type(e).__name__}: {e}"]))
         if progress:
             progress(1)
     return out
+
+
+def _part_name(url: str) -> str:
+    """`_manifest/part-….parquet`: a part's path relative to its dataset."""
+    return f"{manifest.MANIFEST_DIR}/{posixpath.basename(url)}"

@@ -14,9 +14,20 @@ The public API is importable from here; names load on first use, so `import self
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 __version__ = "0.1.0"
+
+# Run from a checkout (this folder beside pipeline/, trainers/, jobs/), the subpackages are found
+# in the checkout's root, exactly as pyproject's package-dir maps them for an install. This keeps
+# a checkout on sys.path (a job's working_dir, a container's WORKDIR, `python -m` from the root)
+# from shadowing an installed selfsup with a package that lacks its subpackages.
+_here = os.path.dirname(os.path.abspath(__file__))
+_root = os.path.dirname(_here)
+if not os.path.isdir(os.path.join(_here, "pipeline")) and all(
+        os.path.isfile(os.path.join(_root, name, "__init__.py")) for name in ("pipeline", "trainers", "jobs")):
+    __path__.append(_root)  # type: ignore[name-defined]  # noqa: F821 - set by the import system
 
 # public name → module that defines it
 _API = {

@@ -1,15 +1,20 @@
 """Shared fixtures: real data from ../shared/datasets, an S3 API on moto_server, one local Ray cluster."""
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
+import tarfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,6 +26,9 @@ PHOTOS = SHARED / "photos"
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Ray Train's controller polls its workers every 2 s by default, and a worker's ray.train.report waits
+# for that poll: with train.log_every=1 a tiny test run would take 2 s a step. Test clusters poll faster.
+TRAIN_POLL = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
 def free_port() -> int:
@@ -92,8 +100,17 @@ def ray_cluster(moto_s3: MotoS3, tmp_path_factory: pytest.TempPathFactory) -> It
     import ray
 
     tmp = tmp_path_factory.mktemp("ray")
-    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=str(tmp), _node_ip_address="127.0.0.1",
-             log_to_driver=False, configure_logging=False)
+    saved = {k: os.environ.get(k) for k in TRAIN_POLL}
+    os.environ.update(TRAIN_POLL)  # the raylet, and so Ray Train's controller, inherit it
+    try:
+        ray.init(num_cpus=8, include_dashboard=False, _temp_dir=str(tmp), _node_ip_address="127.0.0.1",
+                 log_to_driver=False, configure_logging=False)
+    finally:  # only this cluster: `selfsup` subprocesses (the quality bars) keep Ray's default
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     try:
         yield
     finally:
@@ -104,3 +121,120 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
     """Run `selfsup ARGS` in a subprocess; returns the completed process (text output)."""
     return subprocess.run([sys.executable, "-m", "selfsup.jobs.cli", *args], capture_output=True, text=True,
                           cwd=ROOT, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+# ---------------------------------------------------------------- shards and clips made by tests
+
+
+def shard_keys(snap: Any) -> dict[tuple[str, int], str]:
+    """(shard url, position) → key, from the shards' indexes of a snapshot."""
+    from selfsup.pipeline.tarindex import load_index
+
+    out = {}
+    for s in snap.shards:
+        for pos, key in enumerate(load_index(s.index_url).keys):
+            out[(s.url, pos)] = key
+    return out
+
+
+def planned_keys(spec: Any, keys: dict[tuple[str, int], str], epoch: int, i: int) -> list[str]:
+    """The keys the plan of a FeedSpec puts in micro-batch i, in order (`keys` from `shard_keys`)."""
+    return [keys[(spec.snapshot.shards[s].url, p)] for s, lo, hi in spec.plan(epoch).batch(i) for p in range(lo, hi)]
+
+
+def add_shard(dest: str, name: str, samples: Sequence[tuple[str, dict[str, bytes]]], modality: str,
+              split: str = "pretrain") -> None:
+    """Tar `samples` as they are (no validation), index the tar, upload both, then add the manifest row."""
+    from selfsup.pipeline import manifest, storage
+    from selfsup.pipeline.tarindex import index_tar
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    index = index_tar(io.BytesIO(data), name + ".tar")
+    assert len(index) == len(samples)
+    storage.write_bytes(storage.join(dest, name + ".tar"), data)
+    storage.write_text(storage.join(dest, name + ".idx"), index.to_json())
+    manifest.append_rows(dest, [{"path": name + ".tar", "index": name + ".idx", "modality": modality,
+                                 "split": split, "n_samples": len(samples), "n_bytes": len(data),
+                                 "sha256": hashlib.sha256(data).hexdigest()}])
+
+
+def texture_clip(frames: int, size: int = 64, seed: int = 0, moving: bool = True) -> np.ndarray:
+    """uint8 [T, size, size, 3]: smooth random texture, shifted 1 px right per frame when moving."""
+    base = np.random.default_rng(seed).integers(0, 256, (size // 8, 2 * size // 8, 3), dtype=np.uint8)
+    big = np.kron(base, np.ones((8, 8, 1), np.uint8))  # [size, 2*size, 3], blocky so codecs keep it
+    return np.stack([big[:, (t if moving else 0): (t if moving else 0) + size] for t in range(frames)])
+
+
+# ---------------------------------------------------------------- models
+
+
+def random_mask(b: int, n: int, hidden: int, seed: int = 0) -> "torch.Tensor":  # noqa: F821
+    """bool [b, n] with exactly `hidden` True per row (MAE-style argsort of noise)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.rand(b, n, generator=g).argsort(dim=1)[:, :hidden]
+    return torch.zeros(b, n, dtype=torch.bool).scatter_(1, ids, True)
+
+
+@pytest.fixture
+def single_thread() -> Iterator[int]:
+    """Tiny models run single-threaded (faster, and steady on a shared machine); yields the default count."""
+    import torch
+
+    default = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield default
+    torch.set_num_threads(default)
+
+
+# ---------------------------------------------------------------- the installed distribution
+
+# what infra/Dockerfile copies to build the image
+BUILD_INPUTS = ("pyproject.toml", "README.md", "selfsup", "pipeline", "trainers", "jobs")
+
+
+class Installed:
+    """This checkout built as a wheel and installed non-editably into a folder of its own.
+
+    `run` starts `python -S` with PYTHONPATH = that folder, then the venv's site-packages: -S skips the
+    .pth files, so the editable install of the checkout cannot fill in for anything the wheel lacks.
+    """
+
+    def __init__(self, wheel: Path, site: Path) -> None:
+        self.wheel, self.site = wheel, site
+        self.env = {"PYTHONPATH": os.pathsep.join([str(site), sysconfig.get_paths()["purelib"]])}
+
+    def run(self, *args: str, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+        """`python -S ARGS` against the installed copy, in `cwd` (never the checkout)."""
+        return subprocess.run([sys.executable, "-S", *args], capture_output=True, text=True, cwd=cwd,
+                              env={**os.environ, **(env or {}), **self.env}, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    """`pip wheel` of a copy of the build inputs (offline, no build isolation), `pip install --target` of it."""
+    tmp = tmp_path_factory.mktemp("installed")
+    src, dist, site = tmp / "src", tmp / "dist", tmp / "site"
+    src.mkdir()
+    for name in BUILD_INPUTS:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(ROOT / name, src / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    res = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(dist), str(src)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    (wheel,) = dist.glob("selfsup-*.whl")
+    res = subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return Installed(wheel, site)

@@ -12,26 +12,17 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from selfsup.pipeline.config import ConfigError, to_dict
+from selfsup.pipeline.snapshot import SourceSpec
 
 OPTIMIZERS = ("adamw", "lars")
 FEED_BACKENDS = ("ray", "local", "inline")
 
 
 @dataclass(frozen=True)
-class SourceConfig:
-    """One dataset: a shard location (see `selfsup shards ls`), its split, an optional weight."""
-
-    url: str
-    split: str = "pretrain"
-    weight: Optional[float] = None
-    name: str = ""
-
-
-@dataclass(frozen=True)
 class DataConfig:
     """What the streams read and how they cut it into micro-batches."""
 
-    sources: list[SourceConfig] = field(default_factory=list)
+    sources: list[SourceSpec] = field(default_factory=list)  # shard locations (`selfsup shards ls`)
     modality: str = "image"
     modality_args: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 256          # micro-batch per rank

@@ -98,7 +98,7 @@ def extract(spec: FeedSpec, refs: Mapping[str, Mapping[str, Any]], mean: Optiona
     if use_ray:
         import ray
 
-        actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=1, max_task_retries=2)(FeatureWorker)
+        actor: Any = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=1, max_task_retries=2)(FeatureWorker)
         pool = [actor.remote(spec, refs, mean, std, device) for _ in range(max(1, workers))]
         try:
             pending = [pool[i % len(pool)].features.remote(i) for i in range(n)]

@@ -12,7 +12,6 @@ writes checkpoints straight to storage), for single machines and GPU checks.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import tempfile
@@ -29,9 +28,11 @@ from selfsup.pipeline.feed import BatchFeed
 from selfsup.pipeline.seeding import stable_hash
 from selfsup.pipeline.snapshot import load_snapshot
 from selfsup.trainers import checkpoint as ck
+from selfsup.trainers import run_folder
 from selfsup.trainers.config import PretrainConfig, config_digest
 from selfsup.trainers.inputs import to_device
-from selfsup.trainers.objectives import make_objective
+from selfsup.trainers.objectives import Objective, make_objective
+from selfsup.trainers.objectives.base import as_module
 from selfsup.trainers.optim import build_optimizer, lr_at, set_lr
 from selfsup.trainers.reporting import LocalReporter, RayReporter, Reporter
 
@@ -49,7 +50,7 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
                  config.get("stop_after"))
 
 
-def build_objective(cfg: PretrainConfig) -> nn.Module:
+def build_objective(cfg: PretrainConfig) -> Objective:
     """The objective with its backbone, initialized from the run's seed."""
     torch.manual_seed(cfg.train.seed)
     o = cfg.objective
@@ -57,7 +58,7 @@ def build_objective(cfg: PretrainConfig) -> nn.Module:
                           backbone_args=dict(o.backbone_args), **dict(o.args))
 
 
-def feed_spec(cfg: PretrainConfig, objective: nn.Module) -> FeedSpec:
+def feed_spec(cfg: PretrainConfig, objective: Objective) -> FeedSpec:
     """What the streams make for this run: the snapshot, plan parameters, modality and masks."""
     d = cfg.data
     return FeedSpec(load_snapshot(cfg.run, cfg.storage_options), d.batch_size, dict(d.modality_args),
@@ -83,14 +84,14 @@ def run_training(cfg: PretrainConfig, rank: int, world: int, reporter: Reporter,
     """Train to cfg.train.steps (or stop, checkpointed, at `stop_after`) from scratch or a checkpoint."""
     opts = cfg.storage_options
     objective = build_objective(cfg)
-    model, device = wrap_model(objective, world, isinstance(reporter, RayReporter))
-    core: nn.Module = getattr(model, "module", model)
+    model, device = wrap_model(as_module(objective), world, isinstance(reporter, RayReporter))
+    core = objective  # the module inside `model` (DDP wraps it, .to() returns it)
     t = cfg.train
     optimizer = build_optimizer(t.optimizer, core.param_groups(t.weight_decay), t.lr, t.weight_decay,
                                 tuple(t.betas), t.momentum)
     feed = BatchFeed(feed_spec(cfg, core), rank, world, cfg.data.streams, cfg.data.prefetch, cfg.data.backend,
                      cfg.data.stream_cpus, cfg.data.stream_resources or None,
-                     quarantine_url=storage.join(cfg.run, "quarantine.jsonl") if rank == 0 else None)
+                     quarantine_url=run_folder.quarantine_url(cfg.run) if rank == 0 else None)
     step = restore(reporter.restore_point() or resume_from, core, optimizer, feed, opts, rank)
     if step == 0 and cfg.train.init_from:
         warm_start(cfg.train.init_from, core, opts, rank)
@@ -101,7 +102,7 @@ def run_training(cfg: PretrainConfig, rank: int, world: int, reporter: Reporter,
         feed.close()
 
 
-def restore(ckpt: Optional[str], core: nn.Module, optimizer: torch.optim.Optimizer, feed: BatchFeed,
+def restore(ckpt: Optional[str], core: Objective, optimizer: torch.optim.Optimizer, feed: BatchFeed,
             opts: Optional[Mapping[str, Any]], rank: int) -> int:
     """Load full state from a complete checkpoint; returns the step to continue from (0 if none)."""
     if not ckpt:
@@ -121,7 +122,7 @@ def restore(ckpt: Optional[str], core: nn.Module, optimizer: torch.optim.Optimiz
     return int(state["step"])
 
 
-def warm_start(ckpt: str, core: nn.Module, opts: Optional[Mapping[str, Any]], rank: int) -> None:
+def warm_start(ckpt: str, core: Objective, opts: Optional[Mapping[str, Any]], rank: int) -> None:
     """Load only the model weights of a complete checkpoint (the optimizer and LR schedule start fresh)."""
     ck.read_meta(ckpt, opts)  # refuses incomplete checkpoints
     state = ck.load_torch(storage.join(ckpt, ck.STATE), opts)
@@ -152,7 +153,7 @@ def _micro_step(model: nn.Module, batch: Mapping[str, Any], device: torch.device
     return out
 
 
-def _steps(cfg: PretrainConfig, rank: int, world: int, model: nn.Module, core: nn.Module,
+def _steps(cfg: PretrainConfig, rank: int, world: int, model: nn.Module, core: Objective,
            optimizer: torch.optim.Optimizer, feed: BatchFeed, device: torch.device, reporter: Reporter,
            step: int, until: int) -> dict[str, Any]:
     t = cfg.train
@@ -228,7 +229,8 @@ class _Window:
     def reset(self) -> None:
         self.t0, self.wait0 = time.perf_counter(), self.feed.wait_s
         self.losses: list[float] = []
-        self.samples, self.spread, self.extra = 0, float("nan"), {}
+        self.samples, self.spread = 0, float("nan")
+        self.extra: dict[str, float] = {}
 
     def add(self, out: Any, samples: int) -> None:
         self.losses.append(float(out.loss.detach()))
@@ -245,7 +247,7 @@ class _Window:
             loss = loss.to(_dist_device())
             torch.distributed.all_reduce(loss)
             loss = loss.cpu() / world
-        m = {"step": step, "loss": float(loss), "lr": lr, "samples_per_s": self.samples / elapsed,
+        m: dict[str, Any] = {"step": step, "loss": float(loss), "lr": lr, "samples_per_s": self.samples / elapsed,
              "stall_pct": 100.0 * (self.feed.wait_s - self.wait0) / elapsed, "emb_spread": self.spread,
              "epoch": self.feed.epoch, "time": time.time(), **{k: float(v) for k, v in self.extra.items()}}
         if self.spread == self.spread and self.spread < threshold:
@@ -263,16 +265,11 @@ def _dist_device() -> torch.device:
 
 def _log_metrics(cfg: PretrainConfig, m: Mapping[str, Any]) -> None:
     opts = cfg.storage_options
-    storage.append_line(storage.join(cfg.run, "metrics.jsonl"), json.dumps(m), opts)
-    status = {"state": "running", "step": m["step"], "steps": cfg.train.steps, "loss": m["loss"],
-              "samples_per_s": m["samples_per_s"], "stall_pct": m["stall_pct"], "updated": time.time(),
-              "pid": os.getpid(), "host": os.uname().nodename}
-    if "warning" in m:
-        status["warning"] = m["warning"]
-    storage.write_text(storage.join(cfg.run, "status.json"), json.dumps(status), opts)
+    run_folder.append_metrics(cfg.run, m, opts)
+    run_folder.write_status(cfg.run, run_folder.running_status(m["step"], cfg.train.steps, m), opts)
 
 
-def _checkpoint(cfg: PretrainConfig, rank: int, world: int, core: nn.Module, optimizer: torch.optim.Optimizer,
+def _checkpoint(cfg: PretrainConfig, rank: int, world: int, core: Objective, optimizer: torch.optim.Optimizer,
                 feed: BatchFeed, step: int, reporter: Reporter, metrics: Mapping[str, Any]) -> None:
     """Rank 0 writes state.pt and encoder.pt, reports them, then writes meta.json and prunes."""
     with tempfile.TemporaryDirectory(prefix="selfsup-ckpt-") as tmp:
@@ -293,7 +290,7 @@ def _checkpoint(cfg: PretrainConfig, rank: int, world: int, core: nn.Module, opt
         log.info("retention: deleted %s", storage.redact_url(d))
 
 
-def checkpoint_meta(cfg: PretrainConfig, core: nn.Module, step: int, world: int,
+def checkpoint_meta(cfg: PretrainConfig, core: Objective, step: int, world: int,
                     position: Mapping[str, int]) -> dict[str, Any]:
     """meta.json: how to rebuild the encoder and what produced it."""
     return {"step": step, **core.encoder_spec(), "objective": cfg.objective.name,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -42,11 +42,12 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(name: str, groups: list[dict[str, Any]], lr: float, weight_decay: float,
-                    betas: tuple[float, float], momentum: float) -> torch.optim.Optimizer:
-    """AdamW or LARS over the objective's parameter groups."""
+                    betas: Sequence[float], momentum: float) -> torch.optim.Optimizer:
+    """AdamW or LARS over the objective's parameter groups; `betas` is AdamW's (beta1, beta2)."""
     if name == "adamw":
         clean = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]
-        return torch.optim.AdamW(clean, lr=lr, betas=betas, weight_decay=weight_decay)
+        beta1, beta2 = betas
+        return torch.optim.AdamW(clean, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay)
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; valid: adamw, lars")

@@ -1,12 +1,12 @@
 """Modalities, registered by name. Importing this package registers every one of them."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from selfsup.pipeline.modalities.base import DecodeError, Modality, Sample
 from selfsup.pipeline.registry import Registry
 
-MODALITIES: Registry[Any] = Registry("modality")
+MODALITIES: Registry[Callable[..., Modality]] = Registry("modality")
 
 
 def make_modality(name: str, **args: Any) -> Modality:

@@ -46,8 +46,9 @@ import soundfile
 if TYPE_CHECKING:
     import torchaudio
 
+from selfsup.pipeline.media import EXTENSIONS
 from selfsup.pipeline.modalities import MODALITIES
-from selfsup.pipeline.modalities.base import DecodeError, Sample, media_member
+from selfsup.pipeline.modalities.base import DecodeError, Sample, float_pair, media_member
 
 OUTPUTS = ("logmel", "spec", "wave")
 VIEWS = ("rrc", "speech")
@@ -117,7 +118,7 @@ def read_pyav(data: bytes, max_seconds: float) -> tuple[np.ndarray, int]:
     import av
 
     try:
-        with av.open(io.BytesIO(data)) as container:
+        with av.open(io.BytesIO(data), mode="r") as container:
             if not container.streams.audio:
                 raise DecodeError("container has no audio stream")
             stream = container.streams.audio[0]
@@ -279,7 +280,7 @@ class AudioModality:
     """Audio files → BYOL-A log-mel views, one log-mel spectrogram (Audio-MAE), or a waveform (wav2vec 2.0)."""
 
     name = "audio"
-    extensions = ("wav", "flac", "mp3", "ogg", "m4a", "opus")
+    extensions = EXTENSIONS["audio"]
 
     def __init__(self, sample_rate: int = 16000, seconds: float = 1.0, output: str = "logmel",
                  n_mels: int = 64, n_fft: int = 400, win_length: int | None = None, hop_length: int = 160,
@@ -308,11 +309,11 @@ class AudioModality:
         if self.frames < 1:
             raise ValueError(f"audio crop of {self.samples} samples is shorter than hop_length {hop_length}")
         self.n_mels, self.gain_db, self.noise_std = int(n_mels), float(gain_db), float(noise_std)
-        self.rrc_scale = None if rrc_scale is None else tuple(rrc_scale)
-        self.rrc_virtual = tuple(rrc_virtual)
+        self.rrc_scale = None if rrc_scale is None else float_pair(rrc_scale, "audio rrc_scale")
+        self.rrc_virtual = float_pair(rrc_virtual, "audio rrc_virtual")
         self.norm_stats = None if norm_stats is None else (float(norm_stats[0]), float(norm_stats[1]))
         self.views = views
-        self.speech = dict(warp_freq=float(warp_freq), stretch_time=float(stretch_time),
+        self.speech: dict[str, Any] = dict(warp_freq=float(warp_freq), stretch_time=float(stretch_time),
                            shift_frames=int(shift_frames), freq_masks=int(freq_masks), time_masks=int(time_masks),
                            mask_bins=int(mask_bins), mask_frames=int(mask_frames), tilt=float(tilt))
         if self.speech["mask_bins"] > self.n_mels or self.speech["shift_frames"] >= self.frames:
@@ -356,10 +357,11 @@ class AudioModality:
         if not train or self.output == "spec":
             return {"spec": self.log_mel(wave[None])[0]}
         other, _ = self.crop(decoded, rng)
-        views = self.log_mel(np.stack([wave, other]))  # [2, F, T]
+        views: np.ndarray | list[np.ndarray] = self.log_mel(np.stack([wave, other]))  # [2, F, T]
         if self.views == "speech":
             # the level of digital silence (zero padding) after normalization; per view without fixed stats
-            level = float(normalize(np.float32(np.log(LOG_EPS)), self.norm_stats)) if self.norm_stats else None
+            silence = np.array(np.log(LOG_EPS), np.float32)
+            level = float(normalize(silence, self.norm_stats)) if self.norm_stats else None
             views = [speech_view(v, rng, silence=float(v.min()) if level is None else level, **self.speech)
                      for v in views]
         elif self.rrc_scale is not None:

@@ -13,7 +13,7 @@ Per-sample fields (the batch maker stacks them along a new leading batch axis):
 """
 from __future__ import annotations
 
-from typing import Mapping, Protocol
+from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -27,8 +27,14 @@ class DecodeError(ValueError):
 class Modality(Protocol):
     """What the batch maker needs from a modality."""
 
-    name: str
-    extensions: tuple[str, ...]  # member extensions holding the media, in order of preference
+    # Read-only, so that plain class attributes (`extensions = ("jpg", "png")`) satisfy them.
+    @property
+    def name(self) -> str:
+        """The registered name ("image")."""
+
+    @property
+    def extensions(self) -> tuple[str, ...]:
+        """Member extensions holding the media, in order of preference."""
 
     def decode(self, members: Mapping[str, bytes]) -> object:
         """Decoded media from the sample's members; raises DecodeError on bad bytes."""
@@ -47,6 +53,13 @@ class Modality(Protocol):
 
     def valid_tokens(self, sample: Sample, geometry: Mapping[str, object]) -> int:
         """How many leading tokens hold real signal (all of them, except for padded audio)."""
+
+
+def float_pair(value: Sequence[float], name: str) -> tuple[float, float]:
+    """A (low, high)-style argument as two floats; raises ValueError naming `name` otherwise."""
+    if len(value) != 2:
+        raise ValueError(f"{name}={tuple(value)!r} must hold two numbers")
+    return float(value[0]), float(value[1])
 
 
 def media_member(members: Mapping[str, bytes], extensions: tuple[str, ...], modality: str) -> tuple[str, bytes]:

@@ -14,8 +14,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from selfsup.pipeline.media import EXTENSIONS
 from selfsup.pipeline.modalities import MODALITIES
-from selfsup.pipeline.modalities.base import DecodeError, Sample, media_member
+from selfsup.pipeline.modalities.base import DecodeError, Sample, float_pair, media_member
 
 cv2.setNumThreads(1)
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit from the header, before decoding
@@ -165,7 +166,7 @@ class ImageModality:
     """JPEG/PNG/WebP images → SimCLR/BYOL two views, one augmented view (MAE), or an eval view."""
 
     name = "image"
-    extensions = ("jpg", "jpeg", "png", "webp", "bmp")
+    extensions = EXTENSIONS["image"]
 
     def __init__(self, size: int = 224, channels: int = 3, recipe: str = "simclr",
                  scale: tuple[float, float] = (0.08, 1.0), flip: bool = True,
@@ -177,7 +178,7 @@ class ImageModality:
         if channels not in (1, 3):
             raise ValueError(f"image channels must be 1 or 3, got {channels}")
         self.size, self.channels, self.recipe = int(size), int(channels), recipe
-        self.scale, self.flip, self.jitter = tuple(scale), flip, tuple(jitter)
+        self.scale, self.flip, self.jitter = float_pair(scale, "image scale"), flip, tuple(jitter)
         self.jitter_p, self.gray_p, self.blur = jitter_p, gray_p, blur
         self.eval_crop, self.max_pixels = eval_crop, int(max_pixels)
         # (blur p, solarize p) per view: SimCLR symmetric; BYOL asymmetric

@@ -29,14 +29,14 @@ import av
 import cv2
 import numpy as np
 
+from selfsup.pipeline.media import EXTENSIONS
 from selfsup.pipeline.modalities import MODALITIES
-from selfsup.pipeline.modalities.base import DecodeError, Sample, media_member
+from selfsup.pipeline.modalities.base import DecodeError, Sample, float_pair, media_member
 from selfsup.pipeline.modalities.image import crop_box, grayscale
 
 cv2.setNumThreads(1)
 
 OUTPUTS = ("two", "single")
-EXTENSIONS = ("mp4", "avi", "mkv", "webm", "mov", "m4v")
 
 
 @dataclass(frozen=True)
@@ -217,7 +217,7 @@ class VideoModality:
     """Videos → two contrastive clip views, one VideoMAE clip, or the centred eval clip."""
 
     name = "video"
-    extensions = EXTENSIONS
+    extensions = EXTENSIONS["video"]
 
     def __init__(self, frames: int = 16, stride: int = 2, size: int = 112, channels: int = 3,
                  output: str = "two", scale: tuple[float, float] = (0.3, 1.0), flip: bool = True,
@@ -231,7 +231,8 @@ class VideoModality:
         if frames < 1 or stride < 1 or size < 1:
             raise ValueError(f"video frames, stride and size must be positive, got {frames}, {stride}, {size}")
         self.frames, self.stride, self.size, self.channels = int(frames), int(stride), int(size), int(channels)
-        self.output, self.scale, self.flip, self.jitter = output, tuple(scale), bool(flip), tuple(jitter)
+        self.output, self.flip, self.jitter = output, bool(flip), tuple(jitter)
+        self.scale = float_pair(scale, "video scale")
         self.jitter_p, self.gray_p = float(jitter_p), float(gray_p)
         self.max_frames, self.max_pixels, self.max_seconds = int(max_frames), int(max_pixels_per_frame), max_seconds
         self.max_bytes = int(max_bytes)
@@ -317,6 +318,8 @@ def encode_mp4(frames: Iterable[np.ndarray], width: int, height: int, rate: Frac
             options = {"g": str(keyframe_interval), "bf": "0", "flags": "+qscale", "global_quality": str(2 * 118)}
             pix_fmt = "yuv420p"
         stream = out.add_stream(codec, rate=rate, options=options)
+        if not isinstance(stream, av.VideoStream):
+            raise ValueError(f"codec {codec!r} is not a video codec")
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
         n = 0
         for img in frames:

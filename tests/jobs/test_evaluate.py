@@ -1,13 +1,12 @@
 """`selfsup evaluate` and `selfsup runs show` on a real (tiny) pretraining run over Fashion-MNIST shards."""
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
 
 from selfsup.jobs.cli import main
-from selfsup.jobs.evaluate import read_results
+from selfsup.jobs.evaluation.results import read_results
 from selfsup.pipeline import storage
 from tests.conftest import FMNIST, ROOT, run_cli
 from selfsup.trainers import checkpoint as ck

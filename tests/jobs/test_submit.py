@@ -20,9 +20,9 @@ from typing import Iterator
 import pytest
 
 from selfsup.jobs.cli import main
-from selfsup.pipeline import storage
-from tests.conftest import FMNIST, ROOT, free_port, run_cli
 from selfsup.trainers import checkpoint as ck
+from selfsup.trainers import run_folder as rf
+from tests.conftest import FMNIST, ROOT, TRAIN_POLL, Installed, free_port, run_cli
 
 CONFIG = str(ROOT / "jobs" / "configs" / "simclr_image.yaml")
 RAY = str(Path(sys.executable).parent / "ray")
@@ -38,7 +38,7 @@ class Head:
         return run_cli(*args, env={**self.env, **(env or {})}, timeout=timeout)
 
     def client(self):
-        from selfsup.jobs.jobclient import connect
+        from selfsup.jobs.cluster.jobclient import connect
 
         return connect(self.address, self.token_file)
 
@@ -97,7 +97,7 @@ def head() -> Iterator[Head]:
     token_file = os.path.join(temp_dir, "auth_token")
     Path(token_file).write_text(secrets.token_hex(24))
     os.chmod(token_file, 0o600)
-    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_file, "RAY_USAGE_STATS_ENABLED": "0",
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_file, "RAY_USAGE_STATS_ENABLED": "0", **TRAIN_POLL,
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     dash = free_port()
@@ -134,21 +134,23 @@ def tiny(run: str, data: str) -> list[str]:
 @pytest.fixture(scope="module")
 def submitted(head, fm, tmp_path_factory):
     """`selfsup submit pretrain ... --follow` of a 4-step run (Ray Train inside the job); a secret in the env."""
-    run = str(tmp_path_factory.mktemp("submitted") / "run")
+    folder = tmp_path_factory.mktemp("submitted")
+    run, staging = str(folder / "run"), folder / "tmp"
+    staging.mkdir()
     res = head.cli("submit", "pretrain", CONFIG, *tiny(run, fm), "--address", head.address, "--follow", "--quiet",
-                   env={"AWS_SECRET_ACCESS_KEY": "sekrit-never-shipped"})
+                   env={"AWS_SECRET_ACCESS_KEY": "sekrit-never-shipped", "TMPDIR": str(staging)})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return run, res
+    return run, res, staging
 
 
 def test_submit_pretrain_runs_to_completion_and_jobs_ls_shows_it(head, submitted):
-    run, res = submitted
+    run, res, staging = submitted
     job_id = res.stdout.splitlines()[0]
     assert job_id.startswith("selfsup-pretrain-")
     assert "finished 4 steps" in res.stdout  # --follow streamed the job's log
     assert [s for s, _ in ck.list_checkpoints(run)] == [2, 4]
-    assert json.loads(storage.read_text(storage.join(run, "status.json")))["state"] == "finished"
-    assert not (ROOT / ".selfsup-submit").exists()  # the shipped config lived only for the upload
+    assert rf.run_state(run) == rf.FINISHED
+    assert not list(staging.glob("selfsup-submit-*"))  # the staged working_dir lived only for the upload
 
     info = head.client().get_job_info(job_id)
     shipped = json.dumps({"runtime_env": info.runtime_env, "metadata": info.metadata, "entrypoint": info.entrypoint})
@@ -156,7 +158,8 @@ def test_submit_pretrain_runs_to_completion_and_jobs_ls_shows_it(head, submitted
     assert info.metadata["image"] == "registry.example/selfsup:test"
     assert info.metadata["selfsup_command"] == "pretrain" and info.metadata["target"] == run
     assert set(info.runtime_env["env_vars"]) <= {"RAY_USAGE_STATS_ENABLED", "PYTHONUNBUFFERED"}
-    assert "pip" not in info.runtime_env and "/.venv" in info.runtime_env["excludes"]
+    assert "pip" not in info.runtime_env and "__pycache__" in info.runtime_env["excludes"]
+    assert info.entrypoint.endswith(" pretrain config.yaml --quiet"), info.entrypoint
 
     ls = head.cli("jobs", "ls", "--address", head.address)
     assert ls.returncode == 0, ls.stderr
@@ -168,12 +171,12 @@ def test_submit_pretrain_runs_to_completion_and_jobs_ls_shows_it(head, submitted
 
 
 def test_submitted_evaluation_is_its_own_job(head, submitted, fm):
-    run, _ = submitted
+    run, _, _ = submitted
     res = head.cli("submit", "evaluate", run, "--eval-set", f"fm={fm}", "--methods", "knn", "--no-ray", "--quiet",
                    "--address", head.address, "--follow")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert res.stdout.split()[0].startswith("selfsup-evaluate-")
-    from selfsup.jobs.evaluate import read_results
+    from selfsup.jobs.evaluation.results import read_results
 
     rows = read_results(run).to_pylist()
     assert {(r["encoder"], r["step"]) for r in rows} >= {("pretrained", 4), ("random_init", -1)}
@@ -198,7 +201,7 @@ def test_jobs_stop_and_token_errors(head, fm, tmp_path):
 
 
 def test_submit_refuses_credentials_and_bad_arguments_before_submitting(fm, tmp_path):
-    from selfsup.jobs.submit import plan_job, watch_args
+    from selfsup.jobs.cluster.submit import plan_job, watch_args
 
     job = plan_job("retrain", CONFIG, [f"run={tmp_path}/runs", f"data.sources=[{{url: {fm}}}]", "--min-new-samples",
                                        "50", "retrain.tolerance=0.01"])
@@ -214,3 +217,48 @@ def test_submit_refuses_credentials_and_bad_arguments_before_submitting(fm, tmp_
         plan_job("pretrain", CONFIG, ["cluster.env={AWS_SECRET_ACCESS_KEY: x}"])
     res = run_cli("submit", "pretrain", CONFIG, "train.nonsense=1", "--address", "http://127.0.0.1:9")
     assert res.returncode == 2 and "train.nonsense" in res.stderr
+
+
+def test_the_working_dir_holds_the_config_and_from_a_checkout_its_packages_as_installed(fm, tmp_path):
+    """From a checkout the staged packages import on their own (no editable install: -S skips its .pth);
+    from an installed selfsup only the config is shipped."""
+    import sysconfig
+
+    from selfsup.jobs.cluster.submit import checkout_root, plan_job, stage_working_dir
+
+    job = plan_job("pretrain", CONFIG, tiny(str(tmp_path / "run"), fm) + ["storage.secret_access_key=sekrit"])
+    assert checkout_root() == ROOT
+    source, alone = tmp_path / "checkout", tmp_path / "installed"
+    source.mkdir(), alone.mkdir()
+    stage_working_dir(source, job["config"], ROOT)
+    stage_working_dir(alone, job["config"], None)
+    assert [p.name for p in alone.iterdir()] == ["config.yaml"]
+    shipped_config = (alone / "config.yaml").read_text()
+    assert "sekrit" not in shipped_config and "registry.example" in shipped_config
+    shipped = {str(p.relative_to(source)) for p in source.rglob("*") if p.is_file()}
+    assert {"config.yaml", "selfsup/__init__.py", "selfsup/jobs/cli.py", "selfsup/pipeline/modalities/__init__.py",
+            "selfsup/trainers/objectives/__init__.py", "selfsup/jobs/configs/simclr_image.yaml"} <= shipped
+    assert not {p.split("/")[0] for p in shipped} - {"config.yaml", "selfsup"}  # no tests/, docs/, .venv/ ...
+    code = ("import selfsup.jobs.cli, selfsup.pipeline.modalities, selfsup.trainers.objectives; "
+            "print(selfsup.jobs.cli.__file__)")
+    res = subprocess.run([sys.executable, "-S", "-c", code], cwd=source, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": sysconfig.get_paths()["purelib"]})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert Path(res.stdout.strip()) == source / "selfsup" / "jobs" / "cli.py"
+
+
+def test_submit_from_an_installed_selfsup_ships_only_the_config(head, fm, installed: Installed, tmp_path):
+    """`selfsup submit` of the installed copy, away from the checkout, with a config of its package data;
+    the image (here the cluster's own environment) provides selfsup."""
+    run = str(tmp_path / "run")
+    config = str(installed.site / "selfsup" / "jobs" / "configs" / "simclr_image.yaml")
+    args = [*tiny(run, fm), "train.steps=2", "--no-ray", "--quiet", "--address", head.address, "--follow"]
+    res = installed.run("-m", "selfsup.jobs.cli", "submit", "pretrain", config, *args, cwd=tmp_path, env=head.env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "selfsup is installed here, not run from a checkout" in res.stderr
+    assert "registry.example/selfsup:test" in res.stderr
+    assert "finished 2 steps" in res.stdout
+    assert [s for s, _ in ck.list_checkpoints(run)] == [2]
+    info = head.client().get_job_info(res.stdout.splitlines()[0])
+    assert info.entrypoint.endswith(" pretrain config.yaml --no-ray --quiet"), info.entrypoint
+    assert info.runtime_env["working_dir"].startswith("gcs://")

@@ -1,23 +1,19 @@
 """BatchFeed on a real local Ray cluster and shards on S3 (moto): exactly once, recovery, resume, quarantine."""
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-import tarfile
 from typing import Any, Sequence
 
 import cv2
 import numpy as np
 import pytest
 
-from selfsup.pipeline import manifest, storage
+from selfsup.pipeline import storage
 from selfsup.pipeline.batch import FeedSpec, SampleDecodeError
 from selfsup.pipeline.feed import BatchFeed
 from selfsup.pipeline.snapshot import SourceSpec, build_snapshot
-from selfsup.pipeline.sources import fmnist_arrays
-from selfsup.pipeline.tarindex import index_tar, load_index
-from tests.conftest import FMNIST, run_cli
+from selfsup.pipeline.sources.fashion_mnist import fmnist_arrays
+from tests.conftest import FMNIST, add_shard, planned_keys, run_cli, shard_keys
 
 BATCH = 28  # 600 samples → 21 micro-batches (12 samples dropped); two ranks → 10 steps, one batch dropped
 ARGS = {"size": 28, "channels": 1}
@@ -37,15 +33,6 @@ def fmnist(moto_s3: Any) -> dict[str, Any]:
     return {"snapshot": snap, "keys": shard_keys(snap)}
 
 
-def shard_keys(snap: Any) -> dict[tuple[str, int], str]:
-    """(shard url, position) → key, from the shards' indexes."""
-    out = {}
-    for s in snap.shards:
-        for pos, key in enumerate(load_index(s.index_url).keys):
-            out[(s.url, pos)] = key
-    return out
-
-
 @pytest.fixture(scope="module")
 def spec(fmnist: dict[str, Any]) -> FeedSpec:
     return FeedSpec(fmnist["snapshot"], BATCH, modality_args=ARGS, seed=5)
@@ -57,11 +44,6 @@ def reference(spec: FeedSpec) -> list[dict[str, Any]]:
     with BatchFeed(spec, 0, 1, streams=2, prefetch=2, backend="ray", stream_cpus=0.25) as feed:
         assert feed.steps_per_epoch() == 21
         return [feed.next() for _ in range(21)]
-
-
-def planned_keys(spec: FeedSpec, keys: dict[tuple[str, int], str], epoch: int, i: int) -> list[str]:
-    """The keys the plan puts in micro-batch i, in order."""
-    return [keys[(spec.snapshot.shards[s].url, p)] for s, lo, hi in spec.plan(epoch).batch(i) for p in range(lo, hi)]
 
 
 def assert_same_batch(got: dict[str, Any], want: dict[str, Any]) -> None:
@@ -182,26 +164,6 @@ def jpeg(img: np.ndarray) -> bytes:
     ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
     assert ok
     return buf.tobytes()
-
-
-def add_shard(dest: str, name: str, samples: Sequence[tuple[str, dict[str, bytes]]], modality: str,
-              split: str = "pretrain") -> None:
-    """Tar `samples` as they are (no validation), index the tar, upload both, then add the manifest row."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    data = buf.getvalue()
-    index = index_tar(io.BytesIO(data), name + ".tar")
-    assert len(index) == len(samples)
-    storage.write_bytes(storage.join(dest, name + ".tar"), data)
-    storage.write_text(storage.join(dest, name + ".idx"), index.to_json())
-    manifest.append_rows(dest, [{"path": name + ".tar", "index": name + ".idx", "modality": modality,
-                                 "split": split, "n_samples": len(samples), "n_bytes": len(data),
-                                 "sha256": hashlib.sha256(data).hexdigest()}])
 
 
 @pytest.fixture(scope="module")

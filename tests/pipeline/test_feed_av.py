@@ -15,9 +15,7 @@ from selfsup.pipeline.masking import conv_frames, make_mask
 from selfsup.pipeline.modalities.video import encode_clip_mp4
 from selfsup.pipeline.seeding import sample_rng
 from selfsup.pipeline.snapshot import SourceSpec, build_snapshot
-from tests.conftest import FSDD, VIDEO, run_cli
-from tests.pipeline.test_feed import add_shard, planned_keys, shard_keys
-from tests.pipeline.test_video import texture_clip
+from tests.conftest import FSDD, VIDEO, add_shard, planned_keys, run_cli, shard_keys, texture_clip
 
 WAV2VEC2_CONV = [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2  # 1 s at 8 kHz → 24 frames
 AUDIO = {"sample_rate": 8000, "seconds": 1.0, "output": "wave"}  # FSDD is 8 kHz: no resampling

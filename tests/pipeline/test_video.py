@@ -19,6 +19,7 @@ from selfsup.pipeline.modalities.video import (
     read_frames,
     reencode_mp4,
 )
+from tests.conftest import texture_clip
 
 VIDEOS = "/work/shared/datasets/video"
 pytestmark = pytest.mark.skipif(not os.path.isdir(VIDEOS), reason="shared videos not present")
@@ -45,13 +46,6 @@ def reference_frames(data: bytes, indices: list[int]) -> list[np.ndarray]:
         arrays = {int(f.pts): f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])
                   if f.pts in shown.values()}
     return [arrays[shown[i]] for i in indices]
-
-
-def texture_clip(frames: int, size: int = 64, seed: int = 0, moving: bool = True) -> np.ndarray:
-    """uint8 [T, size, size, 3]: smooth random texture, shifted 1 px right per frame when moving."""
-    base = rng(seed).integers(0, 256, (size // 8, 2 * size // 8, 3), dtype=np.uint8)
-    big = np.kron(base, np.ones((8, 8, 1), np.uint8))  # [size, 2*size, 3], blocky so codecs keep it
-    return np.stack([big[:, (t if moving else 0): (t if moving else 0) + size] for t in range(frames)])
 
 
 @pytest.fixture(scope="module")

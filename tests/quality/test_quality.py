@@ -1,6 +1,6 @@
 """Representation-quality bars (issue 8), end to end: `selfsup demo --quality` on the embedded default.
 
-Slow (each up to 20 minutes on 2 cores); run with `make test-slow`. Every bar is relative to the
+Slow (each up to 20 minutes on 2 cores); run with `make quality`. Every bar is relative to the
 baselines the same evaluation computed: best pretrained checkpoint vs. raw inputs and random init.
 """
 from __future__ import annotations
@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from selfsup.jobs.evaluate import read_results
+from selfsup.jobs.evaluation.results import read_results
 from tests.conftest import run_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.quality
 
 
 def best(rows, target, method, encoder, eval_set=None):

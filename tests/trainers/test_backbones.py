@@ -8,13 +8,7 @@ import torch
 
 from selfsup.trainers.backbones import BACKBONES, make_backbone
 from selfsup.trainers.backbones.tokenizers import sincos_pos_embed
-
-
-def random_mask(b: int, n: int, hidden: int, seed: int = 0) -> torch.Tensor:
-    """bool [b, n] with exactly `hidden` True per row (MAE-style argsort of noise)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.rand(b, n, generator=g).argsort(dim=1)[:, :hidden]
-    return torch.zeros(b, n, dtype=torch.bool).scatter_(1, ids, True)
+from tests.conftest import random_mask
 
 
 def test_registry_holds_every_backbone_and_unknown_names_list_them() -> None:
@@ -179,6 +173,7 @@ def test_unequal_or_misshapen_masks_raise() -> None:
         m.encode_visible(x, torch.zeros(2, 5, dtype=torch.bool))
 
 
+@pytest.mark.bench
 def test_convnet_small_throughput_printed(capsys: pytest.CaptureFixture[str]) -> None:
     torch.manual_seed(0)
     m = make_backbone("convnet_small", in_channels=1, width=32)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-from typing import Iterator
 
 import pytest
 import torch
@@ -11,13 +10,7 @@ from torch import nn
 from selfsup.trainers.backbones import BACKBONES, make_backbone
 
 
-@pytest.fixture(autouse=True)
-def threads() -> Iterator[int]:
-    """Tiny models run single-threaded (faster, and steady on a shared machine); yields the default count."""
-    default = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield default
-    torch.set_num_threads(default)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _samples_per_s(model: nn.Module, x: torch.Tensor, iters: int = 2) -> float:
@@ -174,8 +167,9 @@ def test_state_dict_reloads_into_fresh_backbone(name: str, args: dict, shape: tu
     assert torch.equal(trained.eval()(x), fresh.eval()(x))
 
 
-def test_throughput_printed(threads: int) -> None:
-    torch.set_num_threads(threads)
+@pytest.mark.bench
+def test_throughput_printed(single_thread: int) -> None:
+    torch.set_num_threads(single_thread)
     torch.manual_seed(0)
     audio = _samples_per_s(make_backbone("audio_cnn_small"), torch.randn(128, 64, 96))
     video = _samples_per_s(make_backbone("video_cnn_small"), torch.randn(32, 3, 16, 64, 64))

@@ -15,6 +15,7 @@ from selfsup.trainers.objectives import OBJECTIVES, make_objective
 from selfsup.trainers.objectives.barlow_twins import barlow_twins_loss, cross_correlation
 from selfsup.trainers.objectives.byol import cosine_tau
 from selfsup.trainers.objectives.simclr import nt_xent, nt_xent_distributed
+from tests.conftest import random_mask
 
 CNN = {"backbone": "convnet_small", "backbone_args": {"in_channels": 1, "width": 8}}
 VIT = {"backbone": "vit_micro", "backbone_args": {"in_channels": 1, "img_size": 28, "patch_size": 4}}
@@ -27,13 +28,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 LRS = {"simclr": 3e-3, "byol": 3e-3, "barlow_twins": 3e-3, "mae": 1e-3}
 STEPS = {"simclr": 20, "byol": 20, "barlow_twins": 20, "mae": 10}
-
-
-def random_mask(b: int, n: int, hidden: int, seed: int = 0) -> torch.Tensor:
-    """bool [b, n] with exactly `hidden` True per row."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.rand(b, n, generator=g).argsort(dim=1)[:, :hidden]
-    return torch.zeros(b, n, dtype=torch.bool).scatter_(1, ids, True)
 
 
 def image_batch(b: int = 16) -> dict[str, torch.Tensor]:

@@ -2,7 +2,6 @@
 exact resume, restart after a killed worker, and load_encoder from S3."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -16,6 +15,7 @@ from selfsup.jobs.cli import main
 from selfsup.pipeline import storage
 from tests.conftest import FMNIST, ROOT, run_cli
 from selfsup.trainers import checkpoint as ck
+from selfsup.trainers import run_folder as rf
 
 CONFIG = str(ROOT / "jobs" / "configs" / "simclr_image.yaml")
 
@@ -40,11 +40,7 @@ def overrides(run: str, data: str, steps: int, **extra: object) -> list[str]:
 
 def losses(run: str) -> dict[int, float]:
     """step → loss from metrics.jsonl (a step logged twice after a restart keeps its last value)."""
-    out = {}
-    for line in storage.read_text(storage.join(run, "metrics.jsonl")).splitlines():
-        m = json.loads(line)
-        out[m["step"]] = m["loss"]
-    return out
+    return {m["step"]: m["loss"] for m in rf.read_metrics(run)}
 
 
 def test_two_worker_ddp_on_s3_and_load_encoder(ray_cluster, moto_s3, fm_shards):
@@ -52,15 +48,15 @@ def test_two_worker_ddp_on_s3_and_load_encoder(ray_cluster, moto_s3, fm_shards):
     assert main(["pretrain", CONFIG, *overrides(run, fm_shards, 6, **{"train.ckpt_every": 3}), "--quiet"]) == 0
     found = ck.list_checkpoints(run)
     assert [s for s, _ in found] == [3, 6]
-    status = json.loads(storage.read_text(storage.join(run, "status.json")))
-    assert status["state"] == "finished" and status["step"] == 6
-    lines = [json.loads(x) for x in storage.read_text(storage.join(run, "metrics.jsonl")).splitlines()]
+    status = rf.read_status(run)
+    assert status.state == rf.FINISHED and status.step == 6 and status.checkpoint == found[-1][1]
+    lines = rf.read_metrics(run)
     assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
     assert all(np.isfinite(m["loss"]) and m["samples_per_s"] > 0 and 0 <= m["stall_pct"] <= 100 for m in lines)
     meta = ck.read_meta(found[-1][1])
     assert meta["world_size"] == 2 and meta["backbone"] == "convnet_small" and meta["step"] == 6
     assert meta["data_position"] == {"epoch": 0, "consumed": 12}
-    assert "testing-secret" not in storage.read_text(storage.join(run, "config.yaml"))
+    assert "testing-secret" not in storage.read_text(rf.config_url(run))
 
     # load_encoder from S3 == the encoder inside the training state
     from selfsup.trainers import load_encoder
@@ -81,7 +77,7 @@ def test_resume_gives_the_same_losses(ray_cluster, tmp_path, fm_shards):
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     assert main(["pretrain", CONFIG, *overrides(straight, fm_shards, 8), "--quiet"]) == 0
     assert main(["pretrain", CONFIG, *overrides(split, fm_shards, 8), "--stop-after", "4", "--quiet"]) == 0
-    assert json.loads(storage.read_text(storage.join(split, "status.json")))["state"] == "stopped"
+    assert rf.run_state(split) == rf.STOPPED
     assert [s for s, _ in ck.list_checkpoints(split)] == [4]
     # without --resume an existing run is refused; with it, it continues at the exact data position
     assert main(["pretrain", CONFIG, *overrides(split, fm_shards, 8), "--quiet"]) == 2
@@ -92,16 +88,36 @@ def test_resume_gives_the_same_losses(ray_cluster, tmp_path, fm_shards):
         assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
 
 
+def test_train_engine_stops_resumes_and_leaves_a_refused_run_alone(tmp_path, fm_shards):
+    """The engine that `pretrain` and `retrain` share, called with typed options (no Ray, inline feed)."""
+    from selfsup.jobs.training import TrainOptions, train
+    from selfsup.pipeline.config import load_config
+    from selfsup.trainers.config import PretrainConfig, validate
+
+    run = str(tmp_path / "engine")
+    cfg = validate(load_config(PretrainConfig, CONFIG, overrides(run, fm_shards, 4, **{"data.backend": "inline"})))
+    first = train(cfg, TrainOptions(use_ray=False, stop_after=2, quiet=True))
+    assert first.stopped and first.step == 2 and first.checkpoint.endswith("step-000002")
+    status = rf.read_status(run)
+    assert (status.state, status.step, status.steps, status.checkpoint) == (rf.STOPPED, 2, 4, first.checkpoint)
+    with pytest.raises(ValueError, match="pass --resume"):
+        train(cfg, TrainOptions(use_ray=False, quiet=True))
+    assert rf.run_state(run) == rf.STOPPED  # a refused start is not a failed run
+    done = train(cfg, TrainOptions(use_ray=False, resume=True, quiet=True))
+    assert (done.state, done.step, done.stopped) == (rf.FINISHED, 4, False)
+    assert [m["step"] for m in rf.read_metrics(run)] == [1, 2, 3, 4]
+
+
 def _kill_a_train_worker(run: str, at_step: int, done: threading.Event, killed: list) -> None:
     """SIGKILL rank 0's process (status.json names it) once the run passes `at_step`."""
     while not done.is_set():
         try:
-            status = json.loads(storage.read_text(storage.join(run, "status.json")))
+            status = rf.read_status(run)
         except (OSError, ValueError):
-            status = {}
-        if status.get("step", 0) >= at_step and status.get("pid"):
-            os.kill(status["pid"], signal.SIGKILL)
-            killed.append(status["pid"])
+            status = None
+        if status is not None and status.step >= at_step and status.pid:
+            os.kill(status.pid, signal.SIGKILL)
+            killed.append(status.pid)
             return
         time.sleep(0.2)
 
@@ -120,8 +136,8 @@ def test_killed_worker_is_restarted_from_the_last_checkpoint(ray_cluster, tmp_pa
         watcher.join(5)
     assert killed, "the test never found a train worker to kill"
     assert code == 0
-    assert json.loads(storage.read_text(storage.join(run, "status.json")))["step"] == 14
-    steps = [json.loads(x)["step"] for x in storage.read_text(storage.join(run, "metrics.jsonl")).splitlines()]
+    assert rf.read_status(run).step == 14
+    steps = [m["step"] for m in rf.read_metrics(run)]
     assert steps[-1] == 14 and max(steps) == 14
     assert len(steps) > len(set(steps)), "no step was repeated: the run did not restart from a checkpoint"
     assert [s for s, _ in ck.list_checkpoints(run)][-1] == 14

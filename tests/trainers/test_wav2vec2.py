@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Iterator
 
 import pytest
 import torch
@@ -22,13 +21,7 @@ SAMPLES = 8000  # 0.5 s at 16 kHz → 24 frames
 LENGTHS = [8000, 8000, 6000, 4000]  # rows 2 and 3 padded: 18 and 12 valid frames
 
 
-@pytest.fixture(autouse=True)
-def threads() -> Iterator[int]:
-    """Tiny models run single-threaded (faster, and steady on a shared machine); yields the default count."""
-    default = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield default
-    torch.set_num_threads(default)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _objective(**kw: object) -> torch.nn.Module:
@@ -252,8 +245,9 @@ def test_hooks_and_encoder_reload() -> None:
         assert torch.equal(obj.encoder().eval()(wave, length), fresh.eval()(wave, length))
 
 
-def test_throughput_printed(threads: int) -> None:
-    torch.set_num_threads(threads)
+@pytest.mark.bench
+def test_throughput_printed(single_thread: int) -> None:
+    torch.set_num_threads(single_thread)
     torch.manual_seed(0)
     model = make_backbone("wav2vec2_small").train()
     wave, length = torch.randn(16, 16000), torch.full((16,), 16000)

@@ -6,13 +6,13 @@ input shapes). Token-based encoders (ViTs) also expose the pieces MAE needs.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
 from selfsup.pipeline.registry import Registry
 
-BACKBONES: Registry[Any] = Registry("backbone")
+BACKBONES: Registry[Callable[..., nn.Module]] = Registry("backbone")
 
 
 def make_backbone(name: str, **args: Any) -> nn.Module:

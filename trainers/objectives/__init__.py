@@ -1,19 +1,21 @@
 """Objectives, registered by name. Importing this package registers every one of them."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from selfsup.pipeline.registry import Registry
-from selfsup.trainers.objectives.base import LossOutput
+from selfsup.trainers.objectives.base import LossOutput, Objective, as_module
 
-OBJECTIVES: Registry[Any] = Registry("objective")
+OBJECTIVES: Registry[Callable[..., Objective]] = Registry("objective")
 
 
-def make_objective(name: str, **args: Any) -> Any:
+def make_objective(name: str, **args: Any) -> Objective:
     """Build the objective registered as `name` (an nn.Module) from plain arguments."""
-    return OBJECTIVES.get(name)(**args)
+    objective = OBJECTIVES.get(name)(**args)
+    as_module(objective)  # a TypeError now rather than in the loop
+    return objective
 
 
 from selfsup.trainers.objectives import simclr, byol, barlow_twins, mae, wav2vec2  # noqa: E402,F401
 
-__all__ = ["OBJECTIVES", "LossOutput", "make_objective"]
+__all__ = ["OBJECTIVES", "LossOutput", "Objective", "make_objective"]

@@ -23,6 +23,9 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import numpy as np
 
 from selfsup.pipeline.modalities import Modality, make_modality
+from selfsup.pipeline.modalities.audio import AudioModality
+from selfsup.pipeline.modalities.image import ImageModality
+from selfsup.pipeline.modalities.video import VideoModality
 from selfsup.pipeline.seeding import sample_rng
 
 
@@ -211,7 +214,7 @@ class ImageTVDefault:
         if self._views is None:
             from torchvision.transforms import v2
 
-            m = make_modality("image", **self.args)
+            m = ImageModality(**self.args)
             kernel = max(3, int(0.1 * m.size) | 1)  # as the modality's gaussian_blur
             self._views = []
             for blur_p, solarize_p in m.view_probs:
@@ -239,13 +242,13 @@ class AudioTorchDefault:
 
     def __init__(self, args: Mapping[str, Any]) -> None:
         self.args = dict(args)
-        self._m: Any = None
+        self._m: Optional[AudioModality] = None
 
     def __call__(self, sample: Mapping[str, Any]) -> dict[str, Any]:
         import soundfile
         import torch
 
-        m = self._m = self._m or make_modality("audio", **self.args)
+        m = self._m = self._m or AudioModality(**self.args)
         x, rate = soundfile.read(io.BytesIO(_media(sample, ("wav", "flac"))), dtype="float32", always_2d=True)
         wave = torch.from_numpy(x.mean(axis=1))
         if rate != m.sample_rate:
@@ -289,13 +292,13 @@ class VideoTVDefault:
 
     def __init__(self, args: Mapping[str, Any]) -> None:
         self.args = dict(args)
-        self._m: Any = None
+        self._m: Optional[VideoModality] = None
         self._tf: Any = None
 
     def __call__(self, sample: Mapping[str, Any]) -> dict[str, Any]:
         from torchvision.transforms import v2
 
-        m = self._m = self._m or make_modality("video", **self.args)
+        m = self._m = self._m or VideoModality(**self.args)
         if self._tf is None:
             self._tf = v2.Compose([
                 v2.RandomResizedCrop(m.size, scale=m.scale, antialias=True), v2.RandomHorizontalFlip(),
@@ -312,11 +315,14 @@ class VideoTVDefault:
         import torch
         from torchvision import tv_tensors
 
-        with av.open(io.BytesIO(data)) as container:
+        with av.open(io.BytesIO(data), mode="r") as container:
             stream = container.streams.video[0]
             stream.codec_context.thread_count = 1
-            fps, tb = float(stream.average_rate), stream.time_base
-            total = int(stream.frames) or int(float(stream.duration * tb) * fps)
+            rate, tb = stream.average_rate, stream.time_base
+            if rate is None or tb is None:
+                raise ValueError("video stream has no average rate or time base")
+            fps = float(rate)
+            total = int(stream.frames) or int(float((stream.duration or 0) * tb) * fps)
             span = (m.frames - 1) * m.stride + 1
             first = int(torch.randint(0, max(1, total - span + 1), ()))
             last = first + span - 1
@@ -324,6 +330,8 @@ class VideoTVDefault:
             container.seek(start_pts + int(first / fps / tb), stream=stream, backward=True)
             frames: dict[int, np.ndarray] = {}
             for frame in container.decode(stream):
+                if frame.pts is None:  # no timestamp: cannot be placed in the clip
+                    continue
                 index = int(round(float((frame.pts - start_pts) * tb) * fps))
                 if index > last:
                     break

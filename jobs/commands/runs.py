@@ -7,6 +7,7 @@ from typing import Any
 
 from selfsup.jobs.common import add_storage_args, storage_options
 from selfsup.pipeline import storage
+from selfsup.trainers import run_folder
 
 
 def add_parser(sub: Any) -> None:
@@ -22,22 +23,21 @@ def add_parser(sub: Any) -> None:
 
 def run_show(args: argparse.Namespace) -> int:
     """Print the run's status line, checkpoints and table."""
-    from selfsup.jobs.report import format_table, latest_table
+    from selfsup.jobs.evaluation.report import format_table, latest_table
     from selfsup.trainers import checkpoint as ck
 
     opts = storage_options(args)
-    status_url = storage.join(args.run_dir, "status.json")
-    if not storage.exists(status_url, opts):
-        raise FileNotFoundError(f"{storage.redact_url(args.run_dir)} is not a run folder (no status.json)")
-    status = json.loads(storage.read_text(status_url, opts))
+    status = run_folder.read_status(args.run_dir, opts)
+    if status is None:
+        raise FileNotFoundError(f"{storage.redact_url(args.run_dir)} is not a run folder "
+                                f"(no {run_folder.STATUS})")
     ckpts = ck.list_checkpoints(args.run_dir, opts)
     table = latest_table(args.run_dir, opts)
     if args.json:
-        print(json.dumps({"status": status, "checkpoints": [u for _, u in ckpts], "results": table}))
+        print(json.dumps({"status": status.to_dict(), "checkpoints": [u for _, u in ckpts], "results": table}))
         return 0
-    loss = f", loss {status['loss']:.4f}" if isinstance(status.get("loss"), (int, float)) else ""
-    print(f"run {storage.redact_url(args.run_dir)}: {status.get('state')} at step {status.get('step')}"
-          f"/{status.get('steps')}{loss}")
+    loss = f", loss {status.loss:.4f}" if isinstance(status.loss, (int, float)) else ""
+    print(f"run {storage.redact_url(args.run_dir)}: {status.state} at step {status.step}/{status.steps}{loss}")
     marks = [f"{u.rsplit('/', 1)[-1]}{'*' if ck.is_evaluated(u, opts) else ''}" for _, u in ckpts]
     print(f"checkpoints ({len(ckpts)}, * = evaluated): {' '.join(marks) or '(none)'}")
     print(format_table(table) if table else "no evaluation results yet (selfsup evaluate RUN)")

@@ -12,7 +12,7 @@ modality's train recipe (two views), one OpenCV and one torch thread per process
   worker → tar samples) calling the modality's own decode and views.
 - `ray_data`: ray.data.read_webdataset (raw bytes) → map_batches(the same code) → iter_batches.
 - `torchvision_default`: DataLoader(num_workers=N) with the recipe written the common way on
-  tensors (see jobs/bench_loaders.py): image: torchvision decode_image + transforms.v2; audio:
+  tensors (see selfsup.jobs.bench.loaders): image: torchvision decode_image + transforms.v2; audio:
   soundfile + torchaudio, a mel per view and F.interpolate crops; video: PyAV decodes every frame
   of the clip's span at full size (as torchvision.io.read_video), then transforms.v2 on the clip.
 
@@ -34,10 +34,8 @@ each run got (the Ray and DataLoader processes' own CPU counts against them). Th
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -50,9 +48,30 @@ from typing import Any, Callable, Optional
 from selfsup.jobs.data import find_dataset, missing_line
 
 VARIANTS = ("kernel", "selfsup", "dataloader", "ray_data", "torchvision_default")
+
+
 SHARDS = 16  # shards per benchmark dataset (rounded up to a multiple of the streams)
+
+
 # the floors `selfsup` must clear on images (the acceptance figures of the pipeline)
 FLOORS = {"image": {"efficiency": 0.85, "vs_dataloader": 1.0, "vs_ray_data": 1.5, "vs_torchvision_default": 5.0}}
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What `selfsup bench pipeline` measures (None: the modality's default from SETUPS)."""
+
+    modality: str
+    streams: int = 2                 # ShardStreams / DataLoader workers / Ray CPUs
+    samples: Optional[int] = None    # samples per epoch
+    batch_size: Optional[int] = None
+    size: Optional[int] = None       # view side in pixels (not audio)
+    recipe: str = "simclr"           # image views: simclr | byol
+    repeats: int = 3                 # runs per variant; figures are medians
+    prefetch: int = 2                # BatchFeed requests in flight per stream
+    variants: str = ",".join(VARIANTS)
+    data: Optional[str] = None       # the source folder, or a folder holding it
+    workdir: Optional[str] = None    # shards cache and Ray temp dir (default runs/bench/MODALITY)
 
 
 @dataclass(frozen=True)
@@ -69,38 +88,9 @@ SETUPS = {"image": Setup("photos", 2048, 64, 224), "audio": Setup("fsdd", 4096, 
           "video": Setup("video", 64, 4, 112)}
 
 
-def add_parser(sub: Any) -> None:
-    """Register `selfsup bench pipeline`."""
-    p = sub.add_parser("bench", help="measure the data pipeline against common loaders",
-                       description="Benchmarks; they print ratios, which travel between machines.")
-    bsub = p.add_subparsers(dest="bench_command", metavar="ACTION", required=True)
-    b = bsub.add_parser(
-        "pipeline", help="samples/s of ShardStreams vs DataLoader, Ray Data and torchvision defaults",
-        description=(__doc__ or "").split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    b.add_argument("--modality", required=True, choices=sorted(SETUPS))
-    b.add_argument("--streams", type=int, default=2, help="streams / DataLoader workers / Ray CPUs (default 2)")
-    b.add_argument("--samples", type=int, help="samples per epoch (default: image 2048, audio 4096, video 64; "
-                                               "the source files are repeated when there are fewer)")
-    b.add_argument("--batch-size", type=int, help="default: image 64, audio 128, video 4")
-    b.add_argument("--size", type=int, help="view side in pixels (default: image 224, video 112; not audio)")
-    b.add_argument("--recipe", choices=["simclr", "byol"], default="simclr", help="image views (default simclr)")
-    b.add_argument("--repeats", type=int, default=3, help="runs per variant; figures are medians (default 3)")
-    b.add_argument("--prefetch", type=int, default=2, help="BatchFeed requests in flight per stream (default 2)")
-    b.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
-    b.add_argument("--data", help="the source folder itself, or a folder holding it "
-                                  "(default: $SELFSUP_DATA, /usr/share/datasets, ../shared/datasets)")
-    b.add_argument("--workdir", help="shards cache and Ray temp dir (default runs/bench/MODALITY)")
-    b.add_argument("--json", action="store_true", help="print one JSON object on stdout (table goes to stderr)")
-    b.add_argument("--check", action="store_true", help="exit 1 when a floor is missed")
-    b.set_defaults(run=run)
-
-
 def log(msg: str) -> None:
     """Progress and tables go to stderr, so --json leaves stdout clean."""
     print(msg, file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------- data
 
 
 def stage_sources(files: list[Path], stage: Path, copies: int) -> Path:
@@ -130,7 +120,7 @@ def reencoded(path: Path, folder: Path) -> Path:
 
 def media_files(src: Path, modality: str) -> list[Path]:
     """Media files of `modality` directly in `src`, sorted."""
-    from selfsup.pipeline.sources import EXTENSIONS
+    from selfsup.pipeline.media import EXTENSIONS
 
     return sorted(p for p in src.iterdir() if p.suffix.lower().lstrip(".") in EXTENSIONS[modality])
 
@@ -168,9 +158,6 @@ def source_folder(modality: str, data: Optional[str]) -> Path:
     return found
 
 
-# ---------------------------------------------------------------- variants
-
-
 def modality_args(modality: str, size: Optional[int], recipe: str) -> dict[str, Any]:
     """The modality's keyword arguments for the benchmark (its train recipe, two views)."""
     if modality == "image":
@@ -202,7 +189,7 @@ def run_selfsup(spec: Any, streams: int, prefetch: int, clock: Any) -> tuple[int
     """
     import ray
 
-    from selfsup.jobs.bench_loaders import wait_cpus_free
+    from selfsup.jobs.bench.loaders import wait_cpus_free
     from selfsup.pipeline.feed import BatchFeed
 
     wait_cpus_free(streams)
@@ -219,9 +206,9 @@ def run_selfsup(spec: Any, streams: int, prefetch: int, clock: Any) -> tuple[int
         feed.close()
 
 
-def variant_runners(args: argparse.Namespace, spec: Any, paths: list[str]) -> dict[str, Callable[[Any], tuple]]:
+def variant_runners(args: BenchOptions, spec: Any, paths: list[str]) -> dict[str, Callable[[Any], tuple]]:
     """name → a function making one run timed by the RunClock it is given: (samples, extra figures)."""
-    from selfsup.jobs import bench_loaders as L
+    from selfsup.jobs.bench import loaders as L
 
     mod_args = dict(spec.modality_args)
     transform = L.ModalityTransform(spec.snapshot.modality, mod_args, spec.seed)
@@ -242,10 +229,7 @@ def variant_runners(args: argparse.Namespace, spec: Any, paths: list[str]) -> di
     }
 
 
-# ---------------------------------------------------------------- report
-
-
-def summarize(args: argparse.Namespace, rates: dict[str, list[float]], extras: dict[str, list[dict]],
+def summarize(args: BenchOptions, rates: dict[str, list[float]], extras: dict[str, list[dict]],
               samples: int, size: Optional[int], batch_size: int) -> dict[str, Any]:
     """Medians, ratios and floors as one JSON-ready dict."""
     fig = {v: (statistics.median(rates[v]) if rates.get(v) else None) for v in VARIANTS}
@@ -310,7 +294,7 @@ def table(result: dict[str, Any]) -> str:
 def measure(order: list[str], runners: dict[str, Callable[[Any], tuple]], repeats: int
             ) -> tuple[dict[str, list[float]], dict[str, list[dict]]]:
     """Run the variants in turn, `repeats` rounds; samples/s and extra figures per variant and run."""
-    from selfsup.jobs.bench_loaders import RunClock
+    from selfsup.jobs.bench.loaders import RunClock
 
     rates: dict[str, list[float]] = {}
     extras: dict[str, list[dict]] = {}
@@ -335,8 +319,8 @@ def chosen_variants(text: str) -> list[str]:
     return [v for v in VARIANTS if v in wanted]
 
 
-def run(args: argparse.Namespace) -> int:
-    """`selfsup bench pipeline`."""
+def bench_pipeline(args: BenchOptions) -> dict[str, Any]:
+    """Measure every chosen variant on the same shards; the result dict holds figures, ratios and floors."""
     wanted = chosen_variants(args.variants)
     if args.streams < 1 or args.repeats < 1 or args.prefetch < 1:
         raise ValueError("--streams, --repeats and --prefetch must be at least 1")
@@ -351,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
 
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
-    from selfsup.jobs import bench_loaders as L
+    from selfsup.jobs.bench import loaders as L
     from selfsup.pipeline import storage
     from selfsup.pipeline.batch import FeedSpec
     from selfsup.pipeline.snapshot import SourceSpec, build_snapshot
@@ -377,6 +361,4 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(ray_temp, ignore_errors=True)
     result = summarize(args, rates, extras, snapshot.n_samples, size, batch_size)
     log(table(result))
-    if args.json:
-        print(json.dumps(result, indent=2))
-    return 1 if args.check and result["pass"] is False else 0
+    return result

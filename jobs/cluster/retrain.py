@@ -1,4 +1,4 @@
-"""`selfsup retrain CONFIG [--as-of TIME] [--min-new-samples N]`: idempotent scheduled retraining.
+"""The retrain engine behind `selfsup retrain`: idempotent scheduled retraining.
 
 One invocation, under a lease in storage (`<runs>/retrain.lease`, conditional writes):
 
@@ -17,53 +17,46 @@ is handed over the same way. Every decision is one line of `<runs>/retrain-log.j
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime as dt
 import json
 import sys
 import time
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
 
+from selfsup.jobs.evaluation import results
+from selfsup.jobs.evaluation.job import METHODS, EvalJob, EvalOptions, parse_eval_sets, run_of
+from selfsup.jobs.training import TrainOptions, train
 from selfsup.pipeline import lease as leases
 from selfsup.pipeline import storage
-from selfsup.pipeline.config import load_config
+from selfsup.pipeline.snapshot import ShardRef, Snapshot
+from selfsup.trainers import run_folder as rf
+from selfsup.trainers.config import PretrainConfig
 
 LEASE, LOG, PROMOTED = "retrain.lease", "retrain-log.jsonl", "promoted.json"
+
+
 ATTEMPTS = ("start", "resume")
 
 
-def add_parser(sub: Any) -> None:
-    """Register `selfsup retrain`."""
-    p = sub.add_parser("retrain", help="scheduled retraining: train on new shards, evaluate, promote or reject",
-                       description="Idempotent retraining for a schedule (cron): when enough new samples arrived "
-                                   "since the last attempted run, pretrain a new run warm-started from the promoted "
-                                   "checkpoint, evaluate it and promote it if it is not worse. The `retrain` section "
-                                   "of CONFIG holds runs, eval_set, metric, target, tolerance, min_new_samples, "
-                                   "lease_seconds and steps.",
-                       epilog="Decisions: RUNS/retrain-log.jsonl; the promoted model: RUNS/promoted.json.")
-    p.add_argument("config", metavar="CONFIG", help="YAML config (path or URL)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. retrain.tolerance=0.01")
-    p.add_argument("--as-of", metavar="TIME", help="use the manifest as it was at TIME (ISO 8601, UTC unless "
-                                                   "it names a zone; default now)")
-    p.add_argument("--min-new-samples", type=int, metavar="N",
-                   help="train only when at least N new samples arrived (default retrain.min_new_samples)")
-    p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local one)")
-    p.add_argument("--no-ray", action="store_true", help="train and evaluate in this process, without Ray")
-    p.add_argument("--quiet", action="store_true", help="no progress line")
-    p.set_defaults(run=run)
+@dataclass(frozen=True)
+class RetrainOptions:
+    """One retrain invocation: the manifest time, the new-data threshold, where to train and evaluate."""
+
+    as_of: dt.datetime
+    min_new_samples: Optional[int] = None  # None: retrain.min_new_samples
+    use_ray: bool = True  # False: train and evaluate in this process
+    address: Optional[str] = None  # Ray cluster address (default $RAY_ADDRESS, else a local one)
+    quiet: bool = False  # no progress line
 
 
-def run(args: argparse.Namespace) -> int:
-    """Take the lease, decide, and (maybe) train, evaluate and promote."""
-    from selfsup.trainers.config import PretrainConfig, validate
-
-    cfg = check(validate(load_config(PretrainConfig, args.config, args.overrides)))
+def retrain(cfg: PretrainConfig, options: RetrainOptions) -> int:
+    """Take the lease, decide, and (maybe) train, evaluate and promote; returns the exit status."""
     root = storage.full_url(cfg.retrain.runs or cfg.run)
     opts = cfg.storage_options
     leases.check_supported(root)
-    as_of = parse_as_of(args.as_of)
-    min_new = cfg.retrain.min_new_samples if args.min_new_samples is None else args.min_new_samples
+    min_new = cfg.retrain.min_new_samples if options.min_new_samples is None else options.min_new_samples
     storage.makedirs(root, opts)
     lease = leases.Lease(storage.join(root, LEASE), cfg.retrain.lease_seconds, opts)
     book = RetrainLog(root, lease.owner, opts)
@@ -75,8 +68,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     try:
         with lease.renewing():
-            job = Retrain(cfg, root, lease, book, args)
-            return job.resume(taken.previous) if taken.previous.get("run") else job.maybe_start(as_of, min_new)
+            job = Retrain(cfg, root, lease, book, options)
+            if taken.previous.get("run"):
+                return job.resume(taken.previous)
+            return job.maybe_start(options.as_of, min_new)
     except Exception as e:  # noqa: BLE001 - record any failure, then report it like other commands
         error = storage.redact(f"{type(e).__name__}: {e}")[:2000]
         book.append("failed", run=lease.fields.get("run"), reason=error)
@@ -88,10 +83,8 @@ def run(args: argparse.Namespace) -> int:
         lease.release()
 
 
-def check(cfg: Any) -> Any:
+def check(cfg: PretrainConfig) -> PretrainConfig:
     """Retrain settings that types alone cannot check."""
-    from selfsup.jobs.evaluate import METHODS
-
     r = cfg.retrain
     if r.metric not in METHODS:
         raise ValueError(f"retrain.metric={r.metric!r}; valid: {', '.join(METHODS)}")
@@ -126,10 +119,11 @@ def _iso(t: Any) -> Optional[str]:
 class RetrainLog:
     """`<runs>/retrain-log.jsonl`: one JSON line per decision, echoed to stderr."""
 
-    def __init__(self, root: str, owner: str, opts: Any) -> None:
+    def __init__(self, root: str, owner: str, opts: Optional[Mapping[str, Any]]) -> None:
         self.url, self.owner, self.opts = storage.join(root, LOG), owner, opts
 
     def append(self, decision: str, **fields: Any) -> dict[str, Any]:
+        """Record one decision (fields that are None are left out) and echo it."""
         entry = {"time": _iso(time.time()), "decision": decision, "owner": self.owner,
                  **{k: v for k, v in fields.items() if v is not None}}
         storage.append_line(self.url, json.dumps(entry, default=str), self.opts)
@@ -138,6 +132,7 @@ class RetrainLog:
         return entry
 
     def entries(self) -> list[dict[str, Any]]:
+        """Every decision so far, oldest first."""
         if not storage.exists(self.url, self.opts):
             return []
         return [json.loads(x) for x in storage.read_text(self.url, self.opts).splitlines() if x.strip()]
@@ -149,7 +144,7 @@ def last_attempt(entries: list[dict[str, Any]]) -> Optional[str]:
     return runs[-1] if runs else None
 
 
-def new_shards(snap: Any, previous: Any) -> list[Any]:
+def new_shards(snap: Snapshot, previous: Optional[Snapshot]) -> list[ShardRef]:
     """Shards of `snap` that `previous` (a snapshot or None) does not hold, by URL and content hash."""
     seen = {(s.url, s.sha256) for s in previous.shards} if previous is not None else set()
     return [s for s in snap.shards if (s.url, s.sha256) not in seen]
@@ -158,22 +153,22 @@ def new_shards(snap: Any, previous: Any) -> list[Any]:
 class Retrain:
     """One invocation holding the lease."""
 
-    def __init__(self, cfg: Any, root: str, lease: leases.Lease, book: RetrainLog, args: argparse.Namespace) -> None:
-        self.cfg, self.root, self.lease, self.book, self.args = cfg, root, lease, book, args
+    def __init__(self, cfg: PretrainConfig, root: str, lease: leases.Lease, book: RetrainLog,
+                 options: RetrainOptions) -> None:
+        self.cfg, self.root, self.lease, self.book, self.options = cfg, root, lease, book, options
         self.opts = cfg.storage_options
 
     def maybe_start(self, as_of: dt.datetime, min_new: int) -> int:
         """Compare the manifest with the last attempt's snapshot; start a run when enough is new."""
-        from selfsup.pipeline.snapshot import SourceSpec, build_snapshot, load_snapshot, save_snapshot
+        from selfsup.pipeline.snapshot import build_snapshot, load_snapshot, save_snapshot
 
         last = last_attempt(self.book.entries())
-        sources = [SourceSpec(s.url, s.split, s.weight, s.name) for s in self.cfg.data.sources]
-        snap = build_snapshot(sources, self.cfg.data.modality, self.opts, as_of=as_of)
+        snap = build_snapshot(self.cfg.data.sources, self.cfg.data.modality, self.opts, as_of=as_of)
         previous = None
-        if last and storage.exists(storage.join(self.root, last, "manifest.parquet"), self.opts):
+        if last and storage.exists(rf.manifest_url(storage.join(self.root, last)), self.opts):
             previous = load_snapshot(storage.join(self.root, last), self.opts)
         elif last:
-            print(f"selfsup retrain: warning: the last attempted run {last} has no manifest.parquet any more; "
+            print(f"selfsup retrain: warning: the last attempted run {last} has no {rf.MANIFEST} any more; "
                   "every visible shard counts as new", file=sys.stderr)
         new = new_shards(snap, previous)
         n_new = sum(s.n_samples for s in new)
@@ -195,7 +190,6 @@ class Retrain:
     def resume(self, previous: dict[str, Any]) -> int:
         """The holder of an expired lease died mid-run: continue its run from the newest checkpoint."""
         from selfsup.trainers import checkpoint as ck
-        from selfsup.trainers.config import PretrainConfig
 
         name = previous["run"]
         judged = [e for e in self.book.entries() if e.get("run") == name and e["decision"] in ("promote", "reject")]
@@ -205,9 +199,9 @@ class Retrain:
                                                       "before its holder died")
             return 0
         run_url = storage.join(self.root, name)
-        saved = storage.join(run_url, "config.yaml")
-        if storage.exists(saved, self.opts):  # the run's own resolved config (storage secrets re-added)
-            run_cfg = dataclasses.replace(load_config(PretrainConfig, saved), storage=dict(self.cfg.storage))
+        saved = rf.read_config(run_url, self.opts)
+        if saved is not None:  # the run's own resolved config (storage secrets re-added)
+            run_cfg = dataclasses.replace(saved, storage=dict(self.cfg.storage))
         else:
             run_cfg = self.run_config(name, previous.get("init_from"))
         found = ck.list_checkpoints(run_url, self.opts)
@@ -217,15 +211,18 @@ class Retrain:
                          from_step=found[-1][0] if found else 0, previous_owner=previous.get("owner"))
         return self.train_and_judge(run_cfg, name, resume=True)
 
-    def run_config(self, name: str, init_from: Optional[str]) -> Any:
+    def run_config(self, name: str, init_from: Optional[str]) -> PretrainConfig:
         """The config of retrain run `name`: its folder, the retrain step count, the warm start."""
         c = self.cfg
         train = dataclasses.replace(c.train, steps=c.retrain.steps or c.train.steps, init_from=init_from)
         return dataclasses.replace(c, run=storage.join(self.root, name), train=train)
 
-    def train_and_judge(self, run_cfg: Any, name: str, resume: bool) -> int:
-        step = self.train(run_cfg, resume)
-        if step < run_cfg.train.steps:  # e.g. train.time_limit_minutes: hand the run to the next invocation
+    def train_and_judge(self, run_cfg: PretrainConfig, name: str, resume: bool) -> int:
+        """Train the run; hand it over when it stopped early, else evaluate and judge it."""
+        o = self.options
+        trained = train(run_cfg, TrainOptions(resume=resume, use_ray=o.use_ray, address=o.address, quiet=o.quiet))
+        step = trained.step
+        if trained.stopped:  # e.g. train.time_limit_minutes: hand the run to the next invocation
             self.lease.update(handover=True)
             self.book.append("stopped", run=name, reason=f"training stopped at step {step}/{run_cfg.train.steps}; "
                                                           "the next retrain resumes it", step=step)
@@ -233,53 +230,30 @@ class Retrain:
         result = self.evaluate(run_cfg)
         return self.judge(run_cfg, name, result)
 
-    def train(self, cfg: Any, resume: bool) -> int:
-        """Pretrain in this process (on the current Ray cluster, or without Ray); returns the last checkpoint's step."""
-        from selfsup.jobs import pretrain as pt
-        from selfsup.trainers import checkpoint as ck
-
-        if self.args.no_ray:
-            cfg = dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, num_workers=1),
-                                      data=dataclasses.replace(cfg.data, backend="local" if cfg.data.backend == "ray"
-                                                               else cfg.data.backend))
-        resume_from = pt.prepare_run(cfg, resume)
-        progress = pt.Progress(cfg, quiet=self.args.quiet)
-        progress.start()
-        try:
-            if self.args.no_ray:
-                pt.train_here(cfg, resume_from)
-            else:
-                pt.train_on_ray(cfg, resume_from, self.args.address)
-        except BaseException as e:
-            pt.set_status(cfg, "failed", error=storage.redact(f"{type(e).__name__}: {e}"))
-            raise
-        finally:
-            progress.stop()
-        found = ck.list_checkpoints(cfg.run, self.opts)
-        step = found[-1][0] if found else 0
-        pt.finish(cfg, stopped=step < cfg.train.steps)
-        return step
-
-    def evaluate(self, cfg: Any) -> dict[str, Any]:
+    def evaluate(self, cfg: PretrainConfig) -> dict[str, Any]:
         """Evaluate the run's last checkpoint; its accuracy and the random-init baseline."""
         from selfsup.jobs.common import ensure_ray
-        from selfsup.jobs.evaluate import EvalJob, parse_eval_sets
         from selfsup.trainers import checkpoint as ck
 
         r = cfg.retrain
         ckpt = ck.resolve_checkpoint(cfg.run, self.opts)
         es = parse_eval_sets([r.eval_set] if r.eval_set else [], cfg.run, self.opts)[0]
-        ns = argparse.Namespace(no_baselines=False, workers=2, worker_cpus=1.0, gpus=0.0, batch_size=256,
-                                quiet=True, no_ray=self.args.no_ray)
-        if not self.args.no_ray:
-            ensure_ray(self.args.address)
-        EvalJob(cfg.run, [es], [r.metric], r.target, self.opts, ns).evaluate(ckpt)
-        return {"checkpoint": ckpt, "step": int(ck.read_meta(ckpt, self.opts)["step"]), "eval_set": es.name,
-                "metric": r.metric, "target": r.target,
-                "accuracy": accuracy(cfg.run, ckpt, es.name, r.target, r.metric, "pretrained", self.opts),
-                "random_init": accuracy(cfg.run, ckpt, es.name, r.target, r.metric, "random_init", self.opts)}
+        if self.options.use_ray:
+            ensure_ray(self.options.address)
+        EvalJob(cfg.run, [es], [r.metric], r.target, self.opts, self.eval_options(no_baselines=False)).evaluate(ckpt)
 
-    def judge(self, cfg: Any, name: str, result: dict[str, Any]) -> int:
+        def stored(encoder: str) -> float:
+            return results.accuracy(cfg.run, es.name, r.target, r.metric, encoder, ckpt, self.opts)
+
+        return {"checkpoint": ckpt, "step": int(ck.read_meta(ckpt, self.opts)["step"]), "eval_set": es.name,
+                "metric": r.metric, "target": r.target, "accuracy": stored("pretrained"),
+                "random_init": stored("random_init")}
+
+    def eval_options(self, no_baselines: bool) -> EvalOptions:
+        """Evaluation settings of retrain: two quiet extraction workers, Ray unless --no-ray."""
+        return EvalOptions(no_baselines=no_baselines, quiet=True, use_ray=self.options.use_ray)
+
+    def judge(self, cfg: PretrainConfig, name: str, result: dict[str, Any]) -> int:
         """Promote when not worse than the promoted model by more than the tolerance (first: beat random init)."""
         promoted, version = read_promoted(self.root, self.opts)
         acc, tol = result["accuracy"], cfg.retrain.tolerance
@@ -311,17 +285,14 @@ class Retrain:
         keys = ("eval_set", "metric", "target")
         if all(promoted.get(k) == result[k] for k in keys) and promoted.get("accuracy") is not None:
             return float(promoted["accuracy"])
-        from selfsup.jobs.evaluate import EvalJob, parse_eval_sets, run_of
-
         r = self.cfg.retrain
         other = run_of(promoted["checkpoint"])
         es = parse_eval_sets([r.eval_set] if r.eval_set else [], other, self.opts)[0]
-        ns = argparse.Namespace(no_baselines=True, workers=2, worker_cpus=1.0, gpus=0.0, batch_size=256,
-                                quiet=True, no_ray=self.args.no_ray)
-        EvalJob(other, [es], [r.metric], r.target, self.opts, ns).evaluate(promoted["checkpoint"])
-        return accuracy(other, promoted["checkpoint"], es.name, r.target, r.metric, "pretrained", self.opts)
+        EvalJob(other, [es], [r.metric], r.target, self.opts,
+                self.eval_options(no_baselines=True)).evaluate(promoted["checkpoint"])
+        return results.accuracy(other, es.name, r.target, r.metric, "pretrained", promoted["checkpoint"], self.opts)
 
-    def promote(self, cfg: Any, name: str, result: dict[str, Any], version: Optional[str], why: str,
+    def promote(self, cfg: PretrainConfig, name: str, result: dict[str, Any], version: Optional[str], why: str,
                 facts: dict[str, Any]) -> int:
         """`<run>/promoted.json` (retention keeps the step), then `<runs>/promoted.json` by a conditional write."""
         from selfsup.trainers import checkpoint as ck
@@ -341,20 +312,8 @@ class Retrain:
         return 0
 
 
-def read_promoted(root: str, opts: Any = None) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+def read_promoted(root: str,
+                  opts: Optional[Mapping[str, Any]] = None) -> tuple[Optional[dict[str, Any]], Optional[str]]:
     """(`<runs>/promoted.json`, its version) or (None, None)."""
     data, version = storage.read_versioned(storage.join(root, PROMOTED), opts)
     return (json.loads(data), version) if data is not None else (None, None)
-
-
-def accuracy(run_dir: str, ckpt: str, eval_set: str, target: str, method: str, encoder: str, opts: Any) -> float:
-    """One accuracy from `<run>/eval/results.parquet` (the checkpoint's, or its architecture's baseline)."""
-    from selfsup.jobs.evaluate import read_results
-
-    table = read_results(run_dir, opts)
-    rows = [r for r in (table.to_pylist() if table is not None else [])
-            if r["eval_set"] == eval_set and r["target"] == target and r["method"] == method
-            and r["encoder"] == encoder and (encoder != "pretrained" or r["checkpoint"] == ckpt)]
-    if not rows:
-        raise ValueError(f"no {encoder} {method} result for {eval_set}/{target} in {storage.redact_url(run_dir)}")
-    return float(rows[-1]["accuracy"])

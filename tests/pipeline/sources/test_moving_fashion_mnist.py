@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 
 from selfsup.pipeline.modalities.video import VideoModality, encode_clip_mp4
-from selfsup.pipeline.moving import MovingFashionMNISTSource, clip_params, render_clip
 from selfsup.pipeline.seeding import rng_for
-from selfsup.pipeline.sources import SOURCES, fmnist_arrays, with_label
+from selfsup.pipeline.sources import SOURCES, with_label
+from selfsup.pipeline.sources.fashion_mnist import fmnist_arrays
+from selfsup.pipeline.sources.moving_fashion_mnist import MovingFashionMNISTSource, clip_params, render_clip
+from tests.conftest import FMNIST as FMNIST_PATH
 
-FMNIST = "/work/shared/datasets/fashion-mnist"
+FMNIST = str(FMNIST_PATH)
 pytestmark = pytest.mark.skipif(not os.path.isdir(FMNIST), reason="Fashion-MNIST not present")
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from selfsup.jobs.data import find_dataset, missing_line
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # selfsup/jobs/configs
 
 
 @dataclass(frozen=True)

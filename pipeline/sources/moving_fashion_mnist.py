@@ -1,4 +1,4 @@
-"""Moving Fashion-MNIST: clips of one Fashion-MNIST item sliding across a black canvas.
+"""`moving-fashion-mnist`: clips of one Fashion-MNIST item sliding across a black canvas.
 
 Each clip shows one 28×28 item moving in a straight line for `frames` frames in one of eight
 directions (0=E, 1=NE, 2=N, 3=NW, 4=W, 5=SW, 6=S, 7=SE: the unit vector (cos, sin) of k·45°
@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
 
 import numpy as np
 
 from selfsup.pipeline.seeding import rng_for
-from selfsup.pipeline.sources import FMNIST_CLASSES, SOURCES, FashionMNISTSource, Item, fmnist_arrays
+from selfsup.pipeline.sources.base import SOURCES, Item, SourceOptions, array_fingerprint
+from selfsup.pipeline.sources.fashion_mnist import FMNIST_CLASSES, fmnist_arrays, has_fmnist_images
 
 DIRECTIONS = ("E", "NE", "N", "NW", "W", "SW", "S", "SE")
 ITEM = 28  # side of a Fashion-MNIST image
@@ -78,10 +80,17 @@ class MovingFashionMNISTSource:
     canvas: int = 64
     fps: int = 8
 
+    natural_modality: ClassVar[Optional[str]] = "video"
+
+    @classmethod
+    def from_options(cls, root: str, options: SourceOptions) -> MovingFashionMNISTSource:
+        """Reads the subset, the labels setting and the seed (which draws every clip's motion)."""
+        return cls(root, subset=options.subset, labels=options.labels, seed=options.seed)
+
     @staticmethod
     def detect(root: str) -> bool:
         """A folder holding Fashion-MNIST IDX image files."""
-        return FashionMNISTSource.detect(root)
+        return has_fmnist_images(root)
 
     def params(self, index: int) -> tuple[int, float, tuple[int, int]]:
         """The clip parameters of image `index`, a pure function of (seed, subset, index)."""
@@ -89,14 +98,16 @@ class MovingFashionMNISTSource:
 
     def items(self) -> tuple[list[Item], list[str]]:
         """One item per image; labels 'none' drops both the class and the motion metadata."""
-        _, labels = fmnist_arrays(self.root, self.subset)
+        images, labels = fmnist_arrays(self.root, self.subset)
         if self.labels == "none":
-            return [Item(self.key(i), i, None, {}, 4000) for i in range(len(labels))], []
+            return [Item(self.key(i), i, None, {}, 4000, array_fingerprint(images[i]))
+                    for i in range(len(labels))], []
         items = []
         for i in range(len(labels)):
             direction, speed, start = self.params(i)
-            extra = {"motion": direction, "speed": speed, "start": list(start), "item_index": i}
-            items.append(Item(self.key(i), i, int(labels[i]), extra, 4000))
+            extra: dict[str, Any] = {"motion": direction, "speed": speed, "start": list(start), "item_index": i}
+            items.append(Item(self.key(i), i, int(labels[i]), extra, 4000,
+                              array_fingerprint(images[i], int(labels[i]))))
         return items, list(FMNIST_CLASSES)
 
     def key(self, index: int) -> str:

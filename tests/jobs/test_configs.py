@@ -2,7 +2,6 @@
 inline batches, small widths) on tiny real shards of its modality, ending in a checkpoint."""
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -15,11 +14,12 @@ from selfsup.jobs.cli import main
 from selfsup.pipeline import storage
 from selfsup.pipeline.config import load_config
 from selfsup.pipeline.modalities import make_modality
-from tests.conftest import FMNIST, FSDD, ROOT
 from selfsup.trainers import checkpoint as ck
 from selfsup.trainers import load_encoder
+from selfsup.trainers import run_folder as rf
 from selfsup.trainers.config import PretrainConfig, validate
-from selfsup.trainers.loop import build_objective, fitted_horizon
+from selfsup.trainers.loop import build_objective
+from tests.conftest import FMNIST, FSDD, ROOT
 
 CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
 DEMO_DATA = {"image": "fashion-mnist", "audio": "fsdd", "video": "moving-fashion-mnist"}
@@ -82,7 +82,7 @@ def gpu_overrides(path: Path) -> list[str]:
 
 
 def metrics(run: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in storage.read_text(storage.join(run, "metrics.jsonl")).splitlines()]
+    return rf.read_metrics(run)
 
 
 def test_every_modality_objective_pair_has_a_config() -> None:
@@ -109,7 +109,7 @@ def test_config_loads_and_trains_two_steps(path: Path, shards: Callable[[str], s
     lines = metrics(run)
     assert [m["step"] for m in lines] == [1, 2]
     assert all(math.isfinite(m["loss"]) for m in lines), lines
-    assert json.loads(storage.read_text(storage.join(run, "status.json")))["state"] == "finished"
+    assert rf.run_state(run) == rf.FINISHED
     found = ck.list_checkpoints(run)
     assert [s for s, _ in found] == [2]
     for name in (ck.STATE, ck.ENCODER, ck.META):
@@ -136,34 +136,6 @@ def test_gpu_scale_overrides_in_the_comment_build(path: Path) -> None:
         grid = modality.token_grid(spec["geometry"])
         expected = getattr(objective.backbone, "grid", None)
         assert expected is None or tuple(grid) == tuple(expected), (grid, expected)
-
-
-def test_fitted_horizon_follows_the_pace() -> None:
-    # 100 steps in 50 s of a 200 s budget: 300 more steps fit
-    assert fitted_horizon(step=100, first=0, elapsed=50.0, limit=200.0, steps=10_000) == 400
-    assert fitted_horizon(step=100, first=0, elapsed=50.0, limit=200.0, steps=250) == 250  # capped by steps
-    assert fitted_horizon(step=150, first=100, elapsed=50.0, limit=200.0, steps=10_000) == 300  # resumed at 100
-    assert fitted_horizon(step=100, first=0, elapsed=199.9, limit=200.0, steps=10_000) == 101  # never behind
-    # at train.steps with time to spare the schedule ends there (finished, not stopped one step short)
-    assert fitted_horizon(step=400, first=0, elapsed=50.0, limit=200.0, steps=400) == 400
-
-
-def test_time_schedule_anneals_within_the_time_limit(shards: Callable[[str], str], tmp_path: Path) -> None:
-    path = ROOT / "jobs" / "configs" / "simclr_image.yaml"
-    cfg = validate(load_config(PretrainConfig, str(path)))
-    run = str(tmp_path / "run")
-    args = [f"run={run}", f"data.sources=[{{url: {shards('image')}, split: pretrain}}]", *small_overrides(cfg),
-            "train.steps=1000000", "train.log_every=2", "train.ckpt_every=1000000", "train.warmup_steps=2",
-            "train.time_limit_minutes=0.05", "train.time_schedule=true"]
-    assert main(["pretrain", str(path), *args, "--no-ray", "--quiet"]) == 0
-    lines = metrics(run)
-    last = lines[-1]
-    assert 10 < last["step"] == last["horizon"] < 1_000_000, last  # ended by the time, at its own horizon
-    assert last["lr"] < 0.1 * cfg.train.lr  # annealed, not cut off at the peak
-    assert max(m["lr"] for m in lines) > 0.5 * cfg.train.lr
-    status = json.loads(storage.read_text(storage.join(run, "status.json")))
-    assert status["state"] == "finished" and status["step"] == last["step"]
-    assert [s for s, _ in ck.list_checkpoints(run)] == [last["step"]]
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "jobs" / "configs" / "quality").glob("*.yaml")),

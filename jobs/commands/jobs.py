@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any
 
-from selfsup.jobs.jobclient import TERMINAL, add_client_args, connect, exit_code, explain, follow, status_name
+from selfsup.jobs.cluster.jobclient import TERMINAL, add_client_args, connect, exit_code, explain, follow, status_name
 
 
 def add_parser(sub: Any) -> None:

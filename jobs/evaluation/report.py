@@ -1,25 +1,23 @@
 """Evaluation reports: the accuracy table and the plots (accuracy against step, loss curve)."""
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from typing import Any, Mapping, Optional
 
+from selfsup.jobs.evaluation.results import read_rows
 from selfsup.pipeline import storage
+from selfsup.trainers import run_folder
 
 
 def latest_table(run_dir: str, opts: Optional[Mapping[str, Any]] = None) -> list[dict[str, Any]]:
     """One row per (eval set, target, method): the latest pretrained step beside the baselines."""
-    from selfsup.jobs.evaluate import read_results
-
-    table = read_results(run_dir, opts)
-    if table is None:
+    rows = read_rows(run_dir, opts)
+    if not rows:
         return []
-    rows = table.to_pylist()
     pre = [r for r in rows if r["encoder"] == "pretrained"]
     arch = max(pre, key=lambda r: (r["step"], r["time"]))["arch"] if pre else None
-    out = {}
+    out: dict[tuple[str, str, str], dict[str, Any]] = {}
     for r in sorted(rows, key=lambda r: (r["step"], r["time"])):
         if r["encoder"] != "pretrained" and arch is not None and r["arch"] != arch:
             continue
@@ -58,17 +56,14 @@ def write_plots(run_dir: str, opts: Optional[Mapping[str, Any]] = None) -> list[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from selfsup.jobs.evaluate import read_results
-
     written = []
-    table = read_results(run_dir, opts)
+    rows = read_rows(run_dir, opts)
     with tempfile.TemporaryDirectory() as tmp:
-        if table is not None:
-            fig = accuracy_figure(plt, table.to_pylist())
+        if rows:
+            fig = accuracy_figure(plt, rows)
             written.append(_save(fig, plt, tmp, run_dir, "accuracy.png", opts))
-        metrics = storage.join(run_dir, "metrics.jsonl")
-        if storage.exists(metrics, opts):
-            lines = [json.loads(x) for x in storage.read_text(metrics, opts).splitlines() if x.strip()]
+        lines = run_folder.read_metrics(run_dir, opts)
+        if lines:
             by_step = {m["step"]: m["loss"] for m in lines}
             fig, ax = plt.subplots(figsize=(6, 4))
             ax.plot(sorted(by_step), [by_step[s] for s in sorted(by_step)])
@@ -103,6 +98,6 @@ def _save(fig: Any, plt: Any, tmp: str, run_dir: str, name: str, opts: Optional[
     fig.tight_layout()
     fig.savefig(local, dpi=100)
     plt.close(fig)
-    url = storage.join(run_dir, "eval", name)
+    url = run_folder.eval_url(run_dir, name)
     storage.upload_file(local, url, opts)
     return url

@@ -1,0 +1,46 @@
+"""`selfsup bench pipeline`: parse the flags, run the benchmark engine (selfsup.jobs.bench.pipeline), print."""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from selfsup.jobs.bench import pipeline as engine
+from selfsup.jobs.bench.pipeline import SETUPS, VARIANTS, BenchOptions, bench_pipeline
+
+
+def add_parser(sub: Any) -> None:
+    """Register `selfsup bench pipeline`."""
+    p = sub.add_parser("bench", help="measure the data pipeline against common loaders",
+                       description="Benchmarks; they print ratios, which travel between machines.")
+    bsub = p.add_subparsers(dest="bench_command", metavar="ACTION", required=True)
+    b = bsub.add_parser(
+        "pipeline", help="samples/s of ShardStreams vs DataLoader, Ray Data and torchvision defaults",
+        description=(engine.__doc__ or "").split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("--modality", required=True, choices=sorted(SETUPS))
+    b.add_argument("--streams", type=int, default=2, help="streams / DataLoader workers / Ray CPUs (default 2)")
+    b.add_argument("--samples", type=int, help="samples per epoch (default: image 2048, audio 4096, video 64; "
+                                               "the source files are repeated when there are fewer)")
+    b.add_argument("--batch-size", type=int, help="default: image 64, audio 128, video 4")
+    b.add_argument("--size", type=int, help="view side in pixels (default: image 224, video 112; not audio)")
+    b.add_argument("--recipe", choices=["simclr", "byol"], default="simclr", help="image views (default simclr)")
+    b.add_argument("--repeats", type=int, default=3, help="runs per variant; figures are medians (default 3)")
+    b.add_argument("--prefetch", type=int, default=2, help="BatchFeed requests in flight per stream (default 2)")
+    b.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    b.add_argument("--data", help="the source folder itself, or a folder holding it "
+                                  "(default: $SELFSUP_DATA, /usr/share/datasets, ../shared/datasets)")
+    b.add_argument("--workdir", help="shards cache and Ray temp dir (default runs/bench/MODALITY)")
+    b.add_argument("--json", action="store_true", help="print one JSON object on stdout (table goes to stderr)")
+    b.add_argument("--check", action="store_true", help="exit 1 when a floor is missed")
+    b.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure, print the table (stderr) and, with --json, the result (stdout); --check: exit 1 below a floor."""
+    result = bench_pipeline(BenchOptions(
+        modality=args.modality, streams=args.streams, samples=args.samples, batch_size=args.batch_size,
+        size=args.size, recipe=args.recipe, repeats=args.repeats, prefetch=args.prefetch, variants=args.variants,
+        data=args.data, workdir=args.workdir))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 1 if args.check and result["pass"] is False else 0

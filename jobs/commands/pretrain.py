@@ -1,0 +1,54 @@
+"""`selfsup pretrain CONFIG [key=value ...]`: DDP pretraining on the current Ray cluster.
+
+The command parses its flags and calls the training engine (jobs/training.py), which freezes
+the data snapshot into the run folder, writes the resolved config, starts a TorchTrainer (or,
+with --no-ray, the same loop in this process) and prints a live progress line from the run's
+status.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from selfsup.jobs.training import TrainOptions, train
+from selfsup.pipeline import storage
+from selfsup.pipeline.config import load_config
+from selfsup.trainers.config import PretrainConfig, validate
+
+
+def add_parser(sub: Any) -> None:
+    """Register `selfsup pretrain`."""
+    p = sub.add_parser("pretrain", help="pretrain an encoder with a self-supervised objective",
+                       description="Pretrain on the current Ray cluster (RAY_ADDRESS or --address; a local "
+                                   "one otherwise). CONFIG is a YAML file (see jobs/configs/); key=value "
+                                   "overrides win, e.g. train.steps=200 scaling.num_workers=2 run=s3://b/runs/x.",
+                       epilog="Checkpoints land in RUN/checkpoints/step-N/ (state.pt, encoder.pt, meta.json); "
+                              "metrics in RUN/metrics.jsonl; state in RUN/status.json.")
+    p.add_argument("config", metavar="CONFIG", help="YAML config (path or URL)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run folder from its latest complete checkpoint at its exact data position")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else start a local one)")
+    p.add_argument("--no-ray", action="store_true",
+                   help="run the same loop in this process without Ray (one worker; local-process streams)")
+    p.add_argument("--stop-after", type=int, metavar="STEP",
+                   help="stop at this step with a checkpoint (the schedule still spans train.steps); "
+                        "continue later with --resume, e.g. in preemptible time slots")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load and check the config, then train; a failure other than a bad input exits 1."""
+    cfg = validate(load_config(PretrainConfig, args.config, args.overrides))
+    options = TrainOptions(resume=args.resume, use_ray=not args.no_ray, address=args.address,
+                           stop_after=args.stop_after, quiet=args.quiet)
+    try:
+        train(cfg, options)
+    except (KeyboardInterrupt, ValueError, FileNotFoundError, PermissionError):
+        raise  # bad input or a refused folder: the command line reports it (exit 2)
+    except BaseException as e:
+        print(f"selfsup pretrain: failed: {storage.redact(str(e))[:2000]}", file=sys.stderr)
+        return 1
+    return 0

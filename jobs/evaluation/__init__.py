@@ -1,0 +1,1 @@
+"""Evaluation of checkpoints: the probe job (job.py), the results store (results.py), reports (report.py)."""

@@ -1,0 +1,211 @@
+"""The training engine shared by `selfsup pretrain` and `selfsup retrain`: `train(cfg, options)`.
+
+It freezes the data snapshot into the run folder, writes the resolved config and status, runs
+the loop (a TorchTrainer on the current Ray cluster, or the same loop in this process), shows a
+live progress line from the run's status, and marks the run finished, stopped (resumable) or
+failed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Optional
+
+from selfsup.jobs.common import ensure_ray
+from selfsup.pipeline import storage
+from selfsup.pipeline.config import to_dict
+from selfsup.trainers import run_folder as rf
+from selfsup.trainers.config import PretrainConfig
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How to run training: where, from which state, until when, how loudly."""
+
+    resume: bool = False  # continue from the run folder's latest complete checkpoint
+    use_ray: bool = True  # False: one worker in this process, local-process streams
+    address: Optional[str] = None  # Ray cluster address (default $RAY_ADDRESS, else a local cluster)
+    stop_after: Optional[int] = None  # stop at this step with a checkpoint (the schedule spans train.steps)
+    quiet: bool = False  # no progress line
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """How a training call ended: finished or stopped (resumable), at which step, with which checkpoint."""
+
+    state: str
+    step: int
+    loss: Optional[float]
+    checkpoint: Optional[str]
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the run stopped before its schedule ended (resume it to go on)."""
+        return self.state == rf.STOPPED
+
+
+def train(cfg: PretrainConfig, options: TrainOptions = TrainOptions()) -> TrainResult:
+    """Prepare the run folder, train, and mark the run; a failure marks it failed and is raised again."""
+    cfg = dataclasses.replace(cfg, run=storage.full_url(cfg.run))  # workers run in other folders
+    if not options.use_ray:
+        cfg = local_config(cfg)
+    resume_from = prepare_run(cfg, options.resume)
+    progress = Progress(cfg, quiet=options.quiet)
+    progress.start()
+    try:
+        if options.use_ray:
+            train_on_ray(cfg, resume_from, options.address, options.stop_after)
+        else:
+            train_here(cfg, resume_from, options.stop_after)
+    except BaseException as e:
+        progress.stop()
+        mark_failed(cfg, e)
+        raise
+    progress.stop()
+    return finish(cfg)
+
+
+def local_config(cfg: PretrainConfig) -> PretrainConfig:
+    """The config for training without Ray: one worker, local-process streams instead of Ray ones."""
+    backend = "local" if cfg.data.backend == "ray" else cfg.data.backend
+    return dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, num_workers=1),
+                               data=dataclasses.replace(cfg.data, backend=backend))
+
+
+def prepare_run(cfg: PretrainConfig, resume: bool) -> Optional[str]:
+    """Snapshot the data, write config.yaml and status; returns the checkpoint to resume from."""
+    from selfsup.pipeline.snapshot import snapshot_for_run
+    from selfsup.trainers import checkpoint as ck
+
+    opts = cfg.storage_options
+    storage.check_writable(cfg.run, opts)
+    latest = ck.latest_checkpoint(cfg.run, opts)
+    if latest and not resume:
+        raise ValueError(f"run folder {storage.redact_url(cfg.run)} already has checkpoints (latest "
+                         f"{latest.rsplit('/', 1)[-1]}); pass --resume to continue it, or choose another run=...")
+    if resume and latest is None:
+        print(f"selfsup pretrain: no complete checkpoint in {storage.redact_url(cfg.run)}; starting from step 0",
+              file=sys.stderr)
+    snap = snapshot_for_run(cfg.run, cfg.data.sources, cfg.data.modality, opts)
+    rf.write_config(cfg.run, cfg, opts)
+    rf.write_status(cfg.run, rf.RunStatus(rf.RUNNING, step=0, steps=cfg.train.steps, shards=len(snap.shards),
+                                          samples=snap.n_samples), opts)
+    print(f"selfsup pretrain: run {storage.redact_url(cfg.run)}: {cfg.objective.name} on {cfg.data.modality}, "
+          f"{len(snap.shards)} shards / {snap.n_samples} samples, {cfg.scaling.num_workers} worker(s), "
+          f"{cfg.train.steps} steps", file=sys.stderr)
+    return latest if resume else None
+
+
+def train_here(cfg: PretrainConfig, resume_from: Optional[str], stop_after: Optional[int] = None) -> None:
+    """The loop in this process (no Ray)."""
+    from selfsup.trainers.loop import run_training
+    from selfsup.trainers.reporting import LocalReporter
+
+    run_training(cfg, 0, 1, LocalReporter(cfg.run, cfg.storage_options), resume_from, stop_after)
+
+
+def local_cpus(cfg: PretrainConfig) -> float:
+    """Logical CPUs a local Ray needs for the workers and their streams."""
+    s, d = cfg.scaling, cfg.data
+    return s.num_workers * (s.cpus_per_worker + (d.streams * d.stream_cpus if d.backend == "ray" else 0)) + 1
+
+
+def train_on_ray(cfg: PretrainConfig, resume_from: Optional[str], address: Optional[str],
+                 stop_after: Optional[int] = None) -> None:
+    """TorchTrainer over train_loop_per_worker with checkpoints under RUN/checkpoints/."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from selfsup.trainers import checkpoint as ck
+    from selfsup.trainers.loop import train_loop_per_worker
+
+    ensure_ray(address, local_cpus(cfg))
+    fs, path = storage.arrow_filesystem(cfg.run, cfg.storage_options)
+    s = cfg.scaling
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": to_dict(cfg, secrets=True), "resume_from": resume_from,
+                           "stop_after": stop_after},
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                     resources_per_worker={"CPU": s.cpus_per_worker, **s.resources_per_worker}),
+        run_config=RunConfig(name=ck.CHECKPOINTS, storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=s.max_failures)),
+    )
+    trainer.fit()
+
+
+def mark_failed(cfg: PretrainConfig, error: BaseException) -> None:
+    """Write a `failed` status naming the error (secrets redacted) at the last logged step."""
+    try:
+        last = rf.last_metrics(cfg.run, cfg.storage_options)
+    except (OSError, ValueError):
+        last = {}
+    rf.write_status(cfg.run, rf.RunStatus(rf.FAILED, step=last.get("step", 0), steps=cfg.train.steps,
+                                          loss=last.get("loss"),
+                                          error=storage.redact(f"{type(error).__name__}: {error}")),
+                    cfg.storage_options)
+
+
+def finish(cfg: PretrainConfig) -> TrainResult:
+    """Mark the run finished (or stopped, resumable) and print where its checkpoints are."""
+    from selfsup.trainers import checkpoint as ck
+
+    opts = cfg.storage_options
+    latest = ck.latest_checkpoint(cfg.run, opts)
+    last = rf.last_metrics(cfg.run, opts)
+    step = int(last.get("step", cfg.train.steps))
+    stopped = step < (last.get("horizon") or cfg.train.steps)  # a time-fitted schedule ends at its horizon
+    result = TrainResult(rf.STOPPED if stopped else rf.FINISHED, step, last.get("loss"), latest)
+    rf.write_status(cfg.run, rf.RunStatus(result.state, step=step, steps=cfg.train.steps, loss=result.loss,
+                                          checkpoint=latest and storage.redact_url(latest)), opts)
+    print(f"selfsup pretrain: {'stopped at' if stopped else 'finished'} {step} steps, "
+          f"loss {last.get('loss', float('nan')):.4f}; "
+          f"checkpoint {storage.redact_url(latest) if latest else '(none)'}", file=sys.stderr)
+    return result
+
+
+class Progress:
+    """A live progress line from the run's status (one line per update when not a terminal)."""
+
+    def __init__(self, cfg: PretrainConfig, quiet: bool = False, period: float = 2.0) -> None:
+        self.cfg, self.quiet, self.period = cfg, quiet, period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._last_step, self._warned = -1, ""
+
+    def start(self) -> None:
+        """Start showing the line (nothing when quiet)."""
+        if not self.quiet:
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the line and end it."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+            if sys.stderr.isatty():
+                print(file=sys.stderr)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period):
+            try:
+                st = rf.read_status(self.cfg.run, self.cfg.storage_options)
+            except (OSError, ValueError):
+                continue
+            if st is not None:
+                self.show(st)
+
+    def show(self, st: rf.RunStatus) -> None:
+        """Print the line for one status (unless its step was shown already or it has no loss yet)."""
+        if st.step == self._last_step or st.loss is None:
+            return
+        self._last_step = st.step
+        line = (f"step {st.step}/{st.steps}  loss {st.loss:.4f}  "
+                f"{st.samples_per_s or 0:.0f} samples/s  stall {st.stall_pct or 0:.1f}%")
+        tty = sys.stderr.isatty()
+        print(("\r" + line.ljust(78)) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+        if st.warning and st.warning != self._warned:
+            self._warned = st.warning
+            print(f"\nwarning: {st.warning}", file=sys.stderr)

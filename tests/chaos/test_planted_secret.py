@@ -1,0 +1,60 @@
+"""A secret planted in the storage options and in a URL appears in no file a run leaves."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from selfsup.jobs.cli import main
+from tests.conftest import FMNIST, ROOT, run_cli
+from tests.pipeline.test_secrets import PLANTED, SECRETS, URL
+
+CONFIG = str(ROOT / "jobs" / "configs" / "simclr_image.yaml")
+
+
+@pytest.fixture(scope="module")
+def few_images(tmp_path_factory: pytest.TempPathFactory) -> str:
+    dest = str(tmp_path_factory.mktemp("fm") / "fashion-mnist")
+    res = run_cli("shards", "write", str(FMNIST), dest, "--modality", "image", "--limit", "64",
+                  "--samples-per-shard", "32", "--workers", "1", "--quiet")
+    assert res.returncode == 0, res.stderr
+    return dest
+
+
+def leaks(folder: Path) -> dict[str, list[str]]:
+    """file → planted secrets found in its bytes, for every file under `folder`."""
+    out = {}
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            data = (Path(dirpath) / name).read_bytes()
+            found = [s for s in SECRETS if s.encode() in data]
+            if found:
+                out[str(Path(dirpath) / name)] = found
+    return out
+
+
+def test_no_file_of_a_run_holds_a_planted_secret(tmp_path, few_images, capfd):
+    run = tmp_path / "run"
+    storage = ",".join(f"{k}: {v!r}" if isinstance(v, str) else f"{k}: {v}" for k, v in PLANTED.items())
+    args = [f"run={run}", f"data.sources=[{{url: {few_images}}}]", "data.batch_size=16", "data.backend=inline",
+            "train.steps=2", "train.log_every=1", "train.warmup_steps=1", "train.ckpt_every=2",
+            "objective.backbone_args.width=8", f"storage={{{storage}}}", f"retrain.runs={URL}"]
+    assert main(["pretrain", CONFIG, *args, "--no-ray", "--quiet"]) == 0
+    written = sorted(p.name for p in run.rglob("*") if p.is_file())
+    assert {"config.yaml", "status.json", "metrics.jsonl", "meta.json", "state.pt", "encoder.pt"} <= set(written)
+    assert leaks(run) == {}
+    out, err = capfd.readouterr()
+    assert not [s for s in SECRETS if s in out + err]
+
+
+def test_a_failed_run_records_its_error_without_secrets(tmp_path):
+    from selfsup.jobs.training import mark_failed
+    from selfsup.pipeline.config import from_dict
+    from selfsup.trainers.config import PretrainConfig
+    from selfsup.trainers import run_folder as rf
+
+    cfg = from_dict(PretrainConfig, {"run": str(tmp_path / "run"), "storage": dict(PLANTED)})
+    mark_failed(cfg, OSError(f"cannot read {URL}/train-000000.tar with options {PLANTED}"))
+    assert rf.read_status(cfg.run).state == rf.FAILED
+    assert leaks(tmp_path) == {}
