@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 # subcommand → module in jobs/ exposing add_parser(subparsers) and run(args) -> int
 COMMANDS = {
-    "shards": "selfsup.jobs.shards_cmd",
+    "shards": "selfsup.jobs.commands.shards",
     "pretrain": "selfsup.jobs.commands.pretrain",
     "evaluate": "selfsup.jobs.commands.evaluate",
     "runs": "selfsup.jobs.commands.runs",

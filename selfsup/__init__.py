@@ -27,7 +27,7 @@ _here = os.path.dirname(os.path.abspath(__file__))
 _root = os.path.dirname(_here)
 if not os.path.isdir(os.path.join(_here, "pipeline")) and all(
         os.path.isfile(os.path.join(_root, name, "__init__.py")) for name in ("pipeline", "trainers", "jobs")):
-    __path__.append(_root)  # type: ignore[name-defined]  # noqa: F821 - set by the import system
+    __path__.append(_root)  # noqa: F821 - __path__ is set by the import system
 
 # public name → module that defines it
 _API = {

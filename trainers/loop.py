@@ -192,10 +192,10 @@ def _steps(cfg: PretrainConfig, rank: int, world: int, model: nn.Module, core: O
                 last["horizon"] = horizon
             if rank == 0:
                 _log_metrics(cfg, last)
-        if ckpt_now:
+        if ckpt_now:  # every rank reports (a collective in Ray Train); only at checkpoints: a report
+            # waits for the Ray Train controller's next poll (2 s by default), and metrics already
+            # reach <run>/metrics.jsonl from rank 0, so a report per log step would stall every rank
             _checkpoint(cfg, rank, world, core, optimizer, feed, step, reporter, last)
-        elif step % t.log_every == 0:
-            reporter.report(last, None, step)
     return last
 
 
