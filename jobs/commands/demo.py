@@ -69,6 +69,33 @@ QUALITY = {
 }
 
 
+# --quick: the CI learning bars (tests/quality/test_quick.py, docs/quality.md), about 5 minutes each on
+# 2 cores: the quality recipes with the LR schedule fitted to the time left, only the final checkpoint
+# evaluated (train.ckpt_every above any reachable step), smaller probe sets, and the smaller batches (and,
+# for audio, the narrower encoder) that took the most steps within that time in the tries of docs/quality.md
+QUICK_ONCE = ["train.time_schedule=true", "train.ckpt_every=100000"]
+QUICK = {
+    "image": DemoPlan("fashion-mnist", "fashion-mnist-quick", "image", "quality/image", [
+        ("pretrain", ["--subset", "train", "--limit", "20000", "--samples-per-shard", "5000"]),
+        ("probe-train", ["--subset", "train", "--limit", "10000", "--samples-per-shard", "5000"]),
+        ("probe-test", ["--subset", "test", "--limit", "5000", "--samples-per-shard", "5000"])],
+        overrides=[*QUICK_ONCE, "data.batch_size=128", "train.warmup_steps=10"], eval_minutes=1.5),
+    "audio": DemoPlan("fsdd", "fsdd", "audio", "quality/audio", PLANS["audio"].splits,
+                      overrides=[*QUICK_ONCE, "objective.backbone_args.width=16", "objective.backbone_args.out_dim=512",
+                                 "data.batch_size=32", "train.warmup_steps=10", "train.steps=2000"],
+                      eval_minutes=1.5, more_sets=PLANS["audio"].more_sets),
+    "video": DemoPlan("fashion-mnist", "moving-fashion-mnist-quick", "video", "quality/video", [
+        ("pretrain", ["--source-type", "moving-fashion-mnist", "--subset", "train", "--limit", "2000",
+                      "--samples-per-shard", "500"]),
+        ("probe-train", ["--source-type", "moving-fashion-mnist", "--subset", "train", "--limit", "1000",
+                         "--samples-per-shard", "500", "--seed", "1"]),
+        ("probe-test", ["--source-type", "moving-fashion-mnist", "--subset", "test", "--limit", "1000",
+                        "--samples-per-shard", "500"])],
+        targets=["motion", "cls"], eval_minutes=1.5,
+        overrides=[*QUICK_ONCE, "data.batch_size=16", "train.warmup_steps=10", "train.steps=2000"]),
+}
+
+
 def add_parser(sub: Any) -> None:
     """Register `selfsup demo`."""
     p = sub.add_parser("demo", help="run the whole chain on bundled real data (local Ray, local folder)",
@@ -82,9 +109,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", default="runs/demo", help="local folder (or URL) for shards and runs (default runs/demo)")
     p.add_argument("--quality", action="store_true",
                    help="the tuned recipe (jobs/configs/quality/) with the full probe sets; see docs/quality.md")
+    p.add_argument("--quick", action="store_true",
+                   help="the CI learning bars: the quality recipes on smaller probe sets within --budget-minutes "
+                        "(default 5), only the final checkpoint evaluated; see docs/quality.md")
     p.add_argument("--budget-minutes", type=float,
                    help="wall-time budget for the whole demo: pretraining stops (checkpointed) in time to "
-                        "leave room for evaluation (default: none; 20 with --quality)")
+                        "leave room for evaluation (default: none; 20 with --quality, 5 with --quick)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100")
     p.set_defaults(run=run)
 
@@ -103,8 +133,10 @@ def run(args: argparse.Namespace) -> int:
     from selfsup.pipeline import storage
     from selfsup.trainers import checkpoint as ck
 
-    plan = (QUALITY if args.quality else PLANS)[args.modality]
-    budget = args.budget_minutes or (20.0 if args.quality else None)
+    if args.quick and args.quality:
+        raise ValueError("--quick and --quality exclude each other")
+    plan = (QUICK if args.quick else QUALITY if args.quality else PLANS)[args.modality]
+    budget = args.budget_minutes or (20.0 if args.quality else 5.0 if args.quick else None)
     source = find_dataset(plan.dataset, args.data)
     if source is None:
         print(missing_line(plan.dataset, args.data), file=sys.stderr)
@@ -119,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
                 "--split", split, *extra)
         if folder != plan.folder:
             eval_sets.append(f"{folder}={args.out}/data/{folder}")
-    run_dir = f"{args.out}/{plan.config.replace('/', '_')}"
+    run_dir = f"{args.out}/{plan.config.replace('/', '_')}" + ("_quick" if args.quick else "")
     overrides = [f"run={run_dir}", f"data.sources=[{{url: {data}, split: pretrain}}]", *plan.overrides]
     if budget:
         left = budget - (time.time() - t0) / 60 - plan.eval_minutes
