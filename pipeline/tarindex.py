@@ -13,7 +13,7 @@ import json
 import tarfile
 import zlib
 from dataclasses import dataclass
-from typing import IO, Any, Iterator, Mapping, Optional, Sequence
+from typing import IO, Any, Iterator, Mapping, Optional
 
 from selfsup.pipeline import storage
 

@@ -10,7 +10,7 @@ loss = contrastive + diversity_weight * (GV - perplexity) / GV + feature_penalty
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, cast
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
