@@ -24,12 +24,12 @@ class ConfigError(ValueError):
 
 
 def load_config(schema: type[C], path: Optional[str] = None, overrides: Sequence[str] = (),
-                base: Optional[Mapping[str, Any]] = None) -> C:
-    """Build `schema` from an optional YAML file (local or URL), then apply dotted overrides."""
+                base: Optional[Mapping[str, Any]] = None, options: Optional[Mapping[str, Any]] = None) -> C:
+    """Build `schema` from an optional YAML file (local or URL; `options` for its store), then apply overrides."""
     values: dict[str, Any] = dict(base or {})
     if path:
         try:
-            text = read_text(path)
+            text = read_text(path, options)
         except FileNotFoundError:
             raise FileNotFoundError(f"config file {path} does not exist") from None
         loaded = yaml.safe_load(text) or {}

@@ -97,7 +97,7 @@ def append_rows(dataset: str, rows: Sequence[Mapping[str, Any]],
     for _ in range(MAX_CLAIMS):
         url = storage.join(folder, f"part-{n:012d}.parquet")
         try:
-            if storage.write_if_absent(url, data, options) or _is_ours(url, data, options):
+            if storage.write_if_absent(url, data, options):  # a lost reply is settled there, by read-back
                 return url
         except ValueError:  # a store without conditional creates: a legacy part, ordered by clock
             return _append_legacy(folder, full[0], data, options)
@@ -110,14 +110,6 @@ def next_part_number(urls: Sequence[str]) -> int:
     """One past the highest numbered part among `urls` (0 when there is none)."""
     numbers = [int(m.group(1)) for m in (SEQ_PART.match(posixpath.basename(u)) for u in urls) if m]
     return max(numbers, default=-1) + 1
-
-
-def _is_ours(url: str, data: bytes, options: Optional[Mapping[str, Any]]) -> bool:
-    """Whether the part at `url` holds exactly `data` (a create whose reply was lost; rows carry a unique writer id)."""
-    try:
-        return storage.read_bytes(url, options=options) == data
-    except FileNotFoundError:
-        return False
 
 
 def _append_legacy(folder: str, first: Mapping[str, Any], data: bytes,

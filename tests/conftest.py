@@ -27,7 +27,8 @@ PHOTOS = SHARED / "photos"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # Ray Train's controller polls its workers every 2 s by default, and a worker's ray.train.report waits
-# for that poll: with train.log_every=1 a tiny test run would take 2 s a step. Test clusters poll faster.
+# for that poll. The loop reports only with checkpoints, but tests checkpoint every few steps: their
+# clusters poll faster.
 TRAIN_POLL = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
@@ -70,9 +71,8 @@ class MotoS3:
 def moto_s3() -> Iterator[MotoS3]:
     """Serve the S3 API on 127.0.0.1 for the whole session and point AWS settings at it."""
     port = free_port()
-    exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or "moto_server"
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "s3server.py"), "127.0.0.1", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # moto_server, atomic preconditions
     endpoint = f"http://127.0.0.1:{port}"
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                             "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")}

@@ -19,10 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-import yaml
-
 from selfsup.pipeline import storage
-from selfsup.pipeline.config import from_dict, to_yaml
+from selfsup.pipeline.config import load_config, to_yaml
 from selfsup.pipeline.snapshot import SNAPSHOT_FILE
 from selfsup.trainers.config import PretrainConfig
 
@@ -76,12 +74,7 @@ def write_config(run: str, cfg: PretrainConfig, opts: Optional[Mapping[str, Any]
 def read_config(run: str, opts: Optional[Mapping[str, Any]] = None) -> Optional[PretrainConfig]:
     """The run's saved config (without storage secrets), or None when it has none."""
     url = config_url(run)
-    if not storage.exists(url, opts):
-        return None
-    values = yaml.safe_load(storage.read_text(url, opts)) or {}
-    if not isinstance(values, Mapping):
-        raise ValueError(f"{storage.redact_url(url)}: the top level must be a mapping; the run's config is damaged")
-    return from_dict(PretrainConfig, values)
+    return load_config(PretrainConfig, url, options=opts) if storage.exists(url, opts) else None
 
 
 # ---------------------------------------------------------------- status.json

@@ -32,6 +32,15 @@ class DemoPlan:
     more_sets: list[tuple[str, list[tuple[str, list[str]]]]] = field(default_factory=list)  # eval-only folders
 
 
+def moving_splits(pretrain: int, probe_train: int) -> list[tuple[str, list[str]]]:
+    """`shards write` splits of moving Fashion-MNIST: `pretrain` and `probe_train` clips of the train subset
+    (probe-train drawn with another seed), 1000 clips of the test subset as probe-test."""
+    moving = ["--source-type", "moving-fashion-mnist", "--samples-per-shard", "500"]
+    return [("pretrain", [*moving, "--subset", "train", "--limit", str(pretrain)]),
+            ("probe-train", [*moving, "--subset", "train", "--limit", str(probe_train), "--seed", "1"]),
+            ("probe-test", [*moving, "--subset", "test", "--limit", "1000"])]
+
+
 # FSDD's customary split, reported beside the held-out speaker: recordings 0-4 of every speaker are probe-test
 FSDD_CUSTOMARY = ("fsdd-customary", [
     ("probe-train", ["--exclude", r"_[0-4]\.wav$", "--samples-per-shard", "1000"]),
@@ -46,13 +55,8 @@ PLANS = {
         ("pretrain", ["--exclude", "_theo_", "--samples-per-shard", "500"]),
         ("probe-train", ["--exclude", "_theo_", "--samples-per-shard", "500"]),
         ("probe-test", ["--include", "_theo_", "--samples-per-shard", "500"])], more_sets=[FSDD_CUSTOMARY]),
-    "video": DemoPlan("fashion-mnist", "moving-fashion-mnist", "video", "simclr_video", [
-        ("pretrain", ["--source-type", "moving-fashion-mnist", "--subset", "train", "--limit", "4000",
-                      "--samples-per-shard", "500"]),
-        ("probe-train", ["--source-type", "moving-fashion-mnist", "--subset", "train", "--limit", "2000",
-                         "--samples-per-shard", "500", "--seed", "1"]),
-        ("probe-test", ["--source-type", "moving-fashion-mnist", "--subset", "test", "--limit", "1000",
-                        "--samples-per-shard", "500"])], targets=["cls", "motion"]),
+    "video": DemoPlan("fashion-mnist", "moving-fashion-mnist", "video", "simclr_video", moving_splits(4000, 2000),
+                      targets=["cls", "motion"]),
 }
 
 
@@ -84,13 +88,8 @@ QUICK = {
                       overrides=[*QUICK_ONCE, "objective.backbone_args.width=16", "objective.backbone_args.out_dim=512",
                                  "data.batch_size=32", "train.warmup_steps=10", "train.steps=2000"],
                       eval_minutes=1.5, more_sets=PLANS["audio"].more_sets),
-    "video": DemoPlan("fashion-mnist", "moving-fashion-mnist-quick", "video", "quality/video", [
-        ("pretrain", ["--source-type", "moving-fashion-mnist", "--subset", "train", "--limit", "2000",
-                      "--samples-per-shard", "500"]),
-        ("probe-train", ["--source-type", "moving-fashion-mnist", "--subset", "train", "--limit", "1000",
-                         "--samples-per-shard", "500", "--seed", "1"]),
-        ("probe-test", ["--source-type", "moving-fashion-mnist", "--subset", "test", "--limit", "1000",
-                        "--samples-per-shard", "500"])],
+    "video": DemoPlan("fashion-mnist", "moving-fashion-mnist-quick", "video", "quality/video",
+                      moving_splits(2000, 1000),
         targets=["motion", "cls"], eval_minutes=1.5,
         overrides=[*QUICK_ONCE, "data.batch_size=16", "train.warmup_steps=10", "train.steps=2000"]),
 }

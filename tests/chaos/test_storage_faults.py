@@ -126,3 +126,24 @@ def test_appending_to_a_whole_file_keeps_it(moto_s3):
     assert not storage.exists(url)
     with pytest.raises(FileNotFoundError):
         storage.read_text(url)
+
+
+def test_concurrent_conditional_creates_of_one_key_let_exactly_one_win(moto_s3):
+    """S3's guarantee that every concurrent-writer test stands on (tests/s3server.py keeps it for moto)."""
+    root = moto_s3.bucket("race")
+    for key in range(10):
+        url = f"{root}/k-{key}"
+        barrier, wins = threading.Barrier(8), []
+
+        def create(i: int) -> None:
+            barrier.wait()
+            if storage.write_if_absent(url, f"writer {i}".encode()):
+                wins.append(i)
+
+        threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(wins) == 1, (key, wins)
+        assert storage.read_text(url) == f"writer {wins[0]}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import threading
 
 import pytest
 
@@ -50,18 +49,6 @@ def test_conditional_writes(kind, tmp_path, moto_s3):
 def test_conditional_writes_refused_where_unsupported():
     with pytest.raises(ValueError, match="not supported on memory://"):
         storage.write_if_absent("memory://x/lease.json", b"1")
-
-
-def test_concurrent_appends_lose_nothing(moto_s3):
-    url = moto_s3.bucket("append") + "/log.jsonl"
-    threads = [threading.Thread(target=lambda i=i: [storage.append_line(url, f"{i}-{j}") for j in range(5)])
-               for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    lines = storage.read_text(url).splitlines()
-    assert sorted(lines) == sorted(f"{i}-{j}" for i in range(4) for j in range(5))
 
 
 def test_transient_errors_are_retried_then_raised(caplog):
