@@ -124,10 +124,15 @@ def train_on_ray(cfg: PretrainConfig, resume_from: Optional[str], address: Optio
     ensure_ray(address, local_cpus(cfg))
     fs, path = storage.arrow_filesystem(cfg.run, cfg.storage_options)
     s = cfg.scaling
+    import ray
+
+    # Ray Train records train_loop_config in its run settings (the dashboard's state actor, export
+    # events): it gets the config without secrets, and the workers get the whole config (storage
+    # credentials, URL passwords) from the object store, which nothing records
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg, secrets=True), "resume_from": resume_from,
-                           "stop_after": stop_after},
+        train_loop_config={"cfg": to_dict(cfg), "cfg_with_secrets": ray.put(to_dict(cfg, secrets=True)),
+                           "resume_from": resume_from, "stop_after": stop_after},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker, **s.resources_per_worker}),
         run_config=RunConfig(name=ck.CHECKPOINTS, storage_path=path, storage_filesystem=fs,

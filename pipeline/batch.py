@@ -4,7 +4,9 @@
 local worker processes and the calling thread all produce the same bytes, so any of them can
 make any batch. Bad samples (decode failures on fully read bytes) are quarantined: their slot
 is filled by a stable-hash choice from the same micro-batch, flagged and reported; no other
-position moves. I/O errors are retried by the storage layer, then raised naming the shard.
+position moves. Samples known to kill the process making them (`killers`, found by the feed's
+isolation of a batch that kept killing its worker) are quarantined the same way, never decoded.
+I/O errors are retried by the storage layer, then raised naming the shard.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import functools
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import AbstractSet, Any, Mapping, Optional
 
 import numpy as np
 
@@ -27,6 +29,7 @@ from selfsup.pipeline.tarindex import ShardIndex, decode_label, load_index, memb
 
 ON_ERROR = ("quarantine", "raise")
 MAX_REPLACEMENT_ATTEMPTS = 16
+KILLED = "WorkerKilled: making this sample killed the process making it"  # a killer's quarantine error
 
 
 class ShardReadError(IOError):
@@ -120,8 +123,30 @@ class BatchMaker:
             out["mask"] = make_mask(self.spec.mask, self.grid, mrng, valid=valid)
         return out
 
-    def make(self, epoch: int, i: int) -> dict[str, Any]:
-        """Micro-batch i of `epoch` as a dict of contiguous numpy arrays (plus a quarantine list)."""
+    def keys(self, epoch: int, i: int) -> list[tuple[str, str]]:
+        """(shard URL, sample key) of each row of micro-batch i, from the indexes alone (nothing decoded)."""
+        out = []
+        for shard, lo, hi in self.spec.plan(epoch).batch(i):
+            idx = self._index(shard)
+            out += [(self.spec.snapshot.shards[shard].url, idx.keys[p]) for p in range(lo, hi)]
+        return out
+
+    def check(self, epoch: int, i: int, slot: int) -> bool:
+        """Make only row `slot` of micro-batch i (the feed's isolation: does this sample kill its
+        process?); True if it decoded, False if it failed the ordinary way (a decode error)."""
+        shard, lo, _ = _locate(self.spec.plan(epoch).batch(i), slot)
+        key, members = self.read(shard, lo, lo + 1)[0]
+        try:
+            self.sample(epoch, shard, key, members, slot)
+        except Exception:  # noqa: BLE001 - a decode failure; make() quarantines it
+            return False
+        return True
+
+    def make(self, epoch: int, i: int, killers: AbstractSet[tuple[str, str]] = frozenset()) -> dict[str, Any]:
+        """Micro-batch i of `epoch` as a dict of contiguous numpy arrays (plus a quarantine list).
+
+        `killers`: (shard URL, key) of samples that kill the process decoding them; quarantined undecoded.
+        """
         plan = self.spec.plan(epoch)
         rows: list[tuple[int, int, str, dict[str, bytes]]] = []  # shard, position, key, members
         for shard, lo, hi in plan.batch(i):
@@ -130,7 +155,12 @@ class BatchMaker:
         n_valid = int(plan.valid[i])
         samples: list[Optional[Sample]] = []
         errors: dict[int, str] = {}
+        shards = self.spec.snapshot.shards
         for slot, (shard, pos, key, members) in enumerate(rows):
+            if (shards[shard].url, key) in killers:
+                samples.append(None)
+                errors[slot] = KILLED
+                continue
             try:
                 samples.append(self.sample(epoch, shard, key, members, slot))
             except Exception as e:  # noqa: BLE001 - any failure on fully read bytes is a decode failure
@@ -185,6 +215,15 @@ class BatchMaker:
         batch["index"] = np.int64(i)
         batch["quarantine"] = quarantine
         return batch
+
+
+def _locate(segments: list[tuple[int, int, int]], slot: int) -> tuple[int, int, int]:
+    """The (shard, position, position + 1) of row `slot` of a micro-batch made of `segments`."""
+    for shard, lo, hi in segments:
+        if slot < hi - lo:
+            return shard, lo + slot, lo + slot + 1
+        slot -= hi - lo
+    raise IndexError(f"row {slot} is past the end of the micro-batch")
 
 
 def _one_thread() -> None:

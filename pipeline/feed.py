@@ -9,6 +9,12 @@ Backends (the same batches, byte for byte):
 - `ray`: ShardStream actors; a dead actor is replaced and its unconsumed requests re-sent;
 - `local`: worker processes (multiprocessing), for single machines without Ray;
 - `inline`: the calling thread (tests, debugging).
+
+A batch whose making killed its worker `max_deaths` times (a decoder crash, the OOM killer,
+Ray's memory monitor) is not sent again: a fresh isolated worker makes its samples one by one,
+the samples that kill it are quarantined like decode failures (and skipped by every later
+request), and the rest of the batch is delivered, so the step count never changes. A batch
+whose every sample kills its worker stops the feed with PoisonBatchError naming shard and keys.
 """
 from __future__ import annotations
 
@@ -23,10 +29,19 @@ from multiprocessing import get_context
 from typing import Any, Iterator, Mapping, Optional
 
 from selfsup.pipeline import storage
-from selfsup.pipeline.batch import BatchMaker, FeedSpec, keep_freed_memory
+from selfsup.pipeline.batch import KILLED, BatchMaker, FeedSpec, keep_freed_memory
 
 log = logging.getLogger(__name__)
 BACKENDS = ("ray", "local", "inline")
+MAX_DEATHS = 2  # worker deaths while making one batch before it is isolated sample by sample
+
+
+class PoisonBatchError(RuntimeError):
+    """A micro-batch whose samples all kill the worker making them (or that kills it even without them)."""
+
+
+class WorkerDied(RuntimeError):
+    """The process making a request died (Ray actor lost, local pool broken)."""
 
 
 @dataclass
@@ -36,6 +51,7 @@ class _Request:
     consumed_after: int  # the data position once this batch is consumed
     slot: int
     handle: Any = None
+    deaths: int = 0  # workers that died while this request was theirs
 
 
 class BatchFeed:
@@ -44,7 +60,7 @@ class BatchFeed:
     def __init__(self, spec: FeedSpec, rank: int = 0, world: int = 1, streams: int = 2, prefetch: int = 2,
                  backend: str = "ray", stream_cpus: float = 1.0,
                  stream_resources: Optional[Mapping[str, float]] = None,
-                 quarantine_url: Optional[str] = None) -> None:
+                 quarantine_url: Optional[str] = None, max_deaths: int = MAX_DEATHS) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown feed backend {backend!r}; valid: {', '.join(BACKENDS)}")
         if not 0 <= rank < world:
@@ -55,7 +71,11 @@ class BatchFeed:
         self.prefetch = max(1, prefetch)
         self.stream_cpus, self.stream_resources = stream_cpus, stream_resources
         self.quarantine_url = quarantine_url
+        if max_deaths < 1:
+            raise ValueError(f"max_deaths={max_deaths} must be at least 1")
+        self.max_deaths = max_deaths
         self._seen_quarantine: set[tuple] = set()
+        self._killers: set[tuple[str, str]] = set()  # (shard URL, key) of samples that kill their worker
         self.epoch, self.consumed = 0, 0
         self._req_epoch, self._req_consumed = 0, 0
         self._pending: collections.deque[_Request] = collections.deque()
@@ -113,11 +133,14 @@ class BatchFeed:
             self._pending.append(req)
 
     def _submit(self, req: _Request) -> Any:
+        if req.deaths >= self.max_deaths:
+            return None  # isolated when consumed, never sent to a stream again
+        killers = frozenset(self._killers)
         if self.backend == "ray":
-            return self._workers[req.slot].batch.remote(req.epoch, req.index)
+            return self._workers[req.slot].batch.remote(req.epoch, req.index, killers)
         if self.backend == "local":
             assert self._pool is not None
-            return self._pool.submit(_local_make, req.epoch, req.index)
+            return self._pool.submit(_local_call, "make", req.epoch, req.index, killers)
         return None  # inline: made when consumed
 
     # ------------------------------------------------------------ consuming
@@ -143,32 +166,76 @@ class BatchFeed:
             yield self.next()
 
     def _result(self, req: _Request) -> dict[str, Any]:
-        if self.backend == "inline":
+        if self.backend == "inline":  # a sample that kills this process kills the caller: no isolation
             assert self._inline is not None
-            return self._inline.make(req.epoch, req.index)
+            return self._inline.make(req.epoch, req.index, frozenset(self._killers))
+        while req.deaths < self.max_deaths:
+            try:
+                return self._get(req.handle)
+            except WorkerDied as e:
+                self.restarts += 1
+                if self.backend == "ray":  # an actor makes its requests in order: the oldest one killed it
+                    req.deaths += 1
+                    lost = [r for r in self._pending if r.slot == req.slot]
+                else:  # one pool: any running request may have killed it; each broken one is counted
+                    lost = list(self._pending)
+                    for r in lost:
+                        r.deaths += 1
+                log.warning("stream %d died making micro-batch %d of epoch %d (death %d of %d for this batch: %s);"
+                            " restarting it and re-sending %d request(s)", req.slot, req.index, req.epoch,
+                            req.deaths, self.max_deaths, e, len(lost))
+                self._restart(req.slot)
+        return self._isolate(req)
+
+    def _get(self, handle: Any) -> dict[str, Any]:
+        """The result of a sent request; WorkerDied if its worker died making it."""
         if self.backend == "ray":
-            return self._ray_result(req)
-        while True:
-            try:
-                return req.handle.result()
-            except BrokenProcessPool:
-                log.warning("a local stream process died; restarting the pool and re-sending %d requests",
-                            len(self._pending))
-                self.restarts += 1
-                self._restart_pool()
+            import ray
 
-    def _ray_result(self, req: _Request) -> dict[str, Any]:
-        import ray
-        from ray.exceptions import RayActorError
-
-        while True:
             try:
-                return ray.get(req.handle)
-            except RayActorError:
-                log.warning("stream %d died; starting a new one and re-sending its %d requests", req.slot,
-                            sum(1 for r in self._pending if r.slot == req.slot))
-                self.restarts += 1
-                self._replace_stream(req.slot)
+                return ray.get(handle)
+            except _ray_deaths() as e:
+                raise WorkerDied(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        try:
+            return handle.result()
+        except BrokenProcessPool as e:
+            raise WorkerDied(f"local stream process died: {e}") from None
+
+    def _restart(self, slot: int) -> None:
+        if self.backend == "ray":
+            self._replace_stream(slot)
+        else:
+            self._restart_pool()
+
+    # ------------------------------------------------------------ isolation
+
+    def _isolate(self, req: _Request) -> dict[str, Any]:
+        """Make a batch that keeps killing its worker in a fresh worker of its own, sample by sample."""
+        where = f"micro-batch {req.index} of epoch {req.epoch}"
+        log.warning("%s killed its worker %d times: making it sample by sample in an isolated worker",
+                    where, req.deaths)
+        with _Isolated(self) as iso:
+            keys = iso.call("keys", req.epoch, req.index)
+            if keys is None:
+                raise PoisonBatchError(f"{where}: the worker dies even listing its samples (shard indexes)")
+            for slot, ident in enumerate(keys):
+                if tuple(ident) not in self._killers and iso.call("check", req.epoch, req.index, slot) is None:
+                    log.error("sample %s of %s kills the worker making it: quarantined", ident[1],
+                              storage.redact_url(ident[0]))
+                    self._killers.add(tuple(ident))
+            bad = [tuple(k) for k in keys if tuple(k) in self._killers]
+            names = "; ".join(f"{storage.redact_url(s)} {k}" for s, k in bad[:20])
+            if bad and len(bad) == len(keys):
+                raise PoisonBatchError(f"{where}: every one of its {len(keys)} samples kills the worker making "
+                                       f"it: {names}")
+            if bad and self.spec.on_error == "raise":
+                raise PoisonBatchError(f"{where}: {len(bad)} sample(s) kill the worker making them "
+                                       f"(data.on_error=raise): {names}")
+            batch = iso.call("make", req.epoch, req.index, frozenset(self._killers))
+            if batch is None:
+                raise PoisonBatchError(f"{where} kills its worker even without the samples found to kill it "
+                                       f"({names or 'none'}): check the shard's storage and the worker's memory")
+            return batch
 
     # ------------------------------------------------------------ workers
 
@@ -244,14 +311,19 @@ class BatchFeed:
     # ------------------------------------------------------------ quarantine
 
     def _load_seen_quarantine(self) -> None:
+        """Records already written (a resumed run writes none twice) and the samples known to kill workers."""
         assert self.quarantine_url
-        if storage.exists(self.quarantine_url, self.spec.storage_options):
-            for line in storage.read_text(self.quarantine_url, self.spec.storage_options).splitlines():
-                try:
-                    rec = json.loads(line)
-                    self._seen_quarantine.add((rec["epoch"], rec["shard"], rec["key"]))
-                except (ValueError, KeyError):
-                    continue
+        if not storage.exists(self.quarantine_url, self.spec.storage_options):
+            return
+        urls = {storage.redact_url(s.url): s.url for s in self.spec.snapshot.shards}  # records hold redacted URLs
+        for line in storage.read_text(self.quarantine_url, self.spec.storage_options).splitlines():
+            try:
+                rec = json.loads(line)
+                self._seen_quarantine.add((rec["epoch"], rec["shard"], rec["key"]))
+                if rec.get("error") == KILLED and rec["shard"] in urls:
+                    self._killers.add((urls[rec["shard"]], rec["key"]))
+            except (ValueError, KeyError, TypeError):
+                continue
 
     def _record_quarantine(self, records: list[dict[str, Any]]) -> None:
         for rec in records:
@@ -259,13 +331,71 @@ class BatchFeed:
             log.warning("quarantined %s in %s: %s", rec["key"], storage.redact_url(rec["shard"]), rec["error"])
             if self.quarantine_url and ident not in self._seen_quarantine:
                 self._seen_quarantine.add(ident)
-                storage.append_line(self.quarantine_url, json.dumps({**rec, "shard": storage.redact_url(rec["shard"])}),
-                                    self.spec.storage_options)
+                storage.append_line(self.quarantine_url, json.dumps(
+                    {**rec, "shard": storage.redact_url(rec["shard"]), "rank": self.rank}), self.spec.storage_options)
 
     def stats(self) -> dict[str, float]:
         """Data stall so far: seconds waited, batches taken, the last wait, stream restarts, quarantined."""
         return {"wait_s": self.wait_s, "batches": self.batches, "last_wait_s": self.last_wait_s,
                 "restarts": self.restarts, "quarantined": self.quarantined}
+
+
+def _ray_deaths() -> tuple[type[BaseException], ...]:
+    """Ray's errors for a request whose actor died (killed, lost with its node, or by the memory monitor)."""
+    from ray.exceptions import OutOfMemoryError, RayActorError
+
+    return RayActorError, OutOfMemoryError
+
+
+class _Isolated:
+    """One fresh worker for one suspect batch: a ShardStream (ray) or a one-process pool (local).
+
+    `call(method, ...)` runs a BatchMaker method there and returns its result, or None when the
+    worker died doing it (a new one is started for the next call).
+    """
+
+    def __init__(self, feed: BatchFeed) -> None:
+        self.feed = feed
+        self.worker: Any = None
+        self._start()
+
+    def _start(self) -> None:
+        f = self.feed
+        if f.backend == "ray":
+            from selfsup.pipeline.stream import start_stream
+
+            self.worker = start_stream(f.spec, f.stream_cpus, f.stream_resources)
+        else:
+            self.worker = ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=_local_init,
+                                              initargs=(f.spec,))
+
+    def call(self, method: str, *args: Any) -> Any:
+        ray_method = {"make": "batch"}.get(method, method)
+        try:
+            if self.feed.backend == "ray":
+                return self.feed._get(getattr(self.worker, ray_method).remote(*args))  # noqa: SLF001
+            return self.feed._get(self.worker.submit(_local_call, method, *args))  # noqa: SLF001
+        except WorkerDied:
+            self.close()
+            self._start()
+            return None
+
+    def close(self) -> None:
+        if self.feed.backend == "ray":
+            import ray
+
+            try:
+                ray.kill(self.worker)
+            except Exception:  # noqa: BLE001 - already dead
+                pass
+        else:
+            self.worker.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> "_Isolated":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 _LOCAL_MAKER: Optional[BatchMaker] = None
@@ -277,6 +407,7 @@ def _local_init(spec: FeedSpec) -> None:
     _LOCAL_MAKER = BatchMaker(spec)
 
 
-def _local_make(epoch: int, index: int) -> dict[str, Any]:
+def _local_call(method: str, *args: Any) -> Any:
+    """BatchMaker.<method>(*args) in a local worker process (make, keys, check)."""
     assert _LOCAL_MAKER is not None
-    return _LOCAL_MAKER.make(epoch, index)
+    return getattr(_LOCAL_MAKER, method)(*args)

@@ -8,7 +8,7 @@ nodes. They are never restarted by Ray (`max_restarts=0`): the feed replaces the
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional
+from typing import AbstractSet, Any, Mapping, Optional
 
 import ray
 
@@ -23,9 +23,17 @@ class ShardStream:
         keep_freed_memory()  # the actor's process only makes batches
         self.maker = BatchMaker(spec)
 
-    def batch(self, epoch: int, i: int) -> dict[str, Any]:
-        """Micro-batch i of `epoch`."""
-        return self.maker.make(epoch, i)
+    def batch(self, epoch: int, i: int, killers: AbstractSet[tuple[str, str]] = frozenset()) -> dict[str, Any]:
+        """Micro-batch i of `epoch` (`killers`: samples known to kill their process, quarantined)."""
+        return self.maker.make(epoch, i, killers)
+
+    def keys(self, epoch: int, i: int) -> list[tuple[str, str]]:
+        """(shard URL, key) of each row of micro-batch i."""
+        return self.maker.keys(epoch, i)
+
+    def check(self, epoch: int, i: int, slot: int) -> bool:
+        """Make only row `slot` of micro-batch i (isolating a sample that kills its process)."""
+        return self.maker.check(epoch, i, slot)
 
     def pid(self) -> int:
         """The actor's process id (tests kill it to check recovery)."""

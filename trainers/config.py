@@ -34,6 +34,7 @@ class DataConfig:
     stream_resources: dict[str, float] = field(default_factory=dict)
     backend: str = "ray"           # ray | local | inline
     on_error: str = "quarantine"   # quarantine | raise
+    max_worker_deaths: int = 2     # deaths while making one batch before it is made sample by sample
     mean: Optional[list[float]] = None  # per-channel normalization of uint8 inputs (0-1 scale)
     std: Optional[list[float]] = None
 
@@ -149,6 +150,7 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
         (cfg.train.keep >= 1, f"train.keep={cfg.train.keep} must be at least 1"),
         (cfg.train.warmup_steps >= 0, f"train.warmup_steps={cfg.train.warmup_steps} must not be negative"),
         (cfg.scaling.num_workers >= 1, f"scaling.num_workers={cfg.scaling.num_workers} must be at least 1"),
+        (cfg.data.max_worker_deaths >= 1, f"data.max_worker_deaths={cfg.data.max_worker_deaths} must be at least 1"),
         ((cfg.data.mean is None) == (cfg.data.std is None), "give data.mean and data.std together"),
     ]
     for ok, message in checks:

@@ -40,11 +40,14 @@ log = logging.getLogger(__name__)
 
 
 def train_loop_per_worker(config: Mapping[str, Any]) -> None:
-    """Ray Train entry: config = {"cfg": PretrainConfig as a dict, "resume_from": URL or None}."""
+    """Ray Train entry: config = {"cfg": PretrainConfig as a dict (secrets stripped), "cfg_with_secrets":
+    an object ref to the whole dict (or absent), "resume_from": URL or None, "stop_after": step or None}."""
+    import ray
     import ray.train
 
     ctx = ray.train.get_context()
-    cfg = from_dict(PretrainConfig, config["cfg"])
+    whole = config.get("cfg_with_secrets")
+    cfg = from_dict(PretrainConfig, ray.get(whole) if whole is not None else config["cfg"])
     reporter = RayReporter(cfg.run, cfg.storage_options)
     run_training(cfg, ctx.get_world_rank(), ctx.get_world_size(), reporter, config.get("resume_from"),
                  config.get("stop_after"))
@@ -91,7 +94,7 @@ def run_training(cfg: PretrainConfig, rank: int, world: int, reporter: Reporter,
                                 tuple(t.betas), t.momentum)
     feed = BatchFeed(feed_spec(cfg, core), rank, world, cfg.data.streams, cfg.data.prefetch, cfg.data.backend,
                      cfg.data.stream_cpus, cfg.data.stream_resources or None,
-                     quarantine_url=run_folder.quarantine_url(cfg.run) if rank == 0 else None)
+                     quarantine_url=run_folder.quarantine_url(cfg.run), max_deaths=cfg.data.max_worker_deaths)
     step = restore(reporter.restore_point() or resume_from, core, optimizer, feed, opts, rank)
     if step == 0 and cfg.train.init_from:
         warm_start(cfg.train.init_from, core, opts, rank)
