@@ -100,10 +100,16 @@ def extract(spec: FeedSpec, refs: Mapping[str, Mapping[str, Any]], mean: Optiona
 
         actor: Any = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=1, max_task_retries=2)(FeatureWorker)
         pool = [actor.remote(spec, refs, mean, std, device) for _ in range(max(1, workers))]
+        from ray.exceptions import OutOfMemoryError, RayActorError
+
         try:
             pending = [pool[i % len(pool)].features.remote(i) for i in range(n)]
-            for ref in pending:
-                parts.append(ray.get(ref))
+            for i, ref in enumerate(pending):
+                try:
+                    parts.append(ray.get(ref))
+                except (RayActorError, OutOfMemoryError) as e:  # restarted and retried: the batch kills it
+                    raise RuntimeError(f"eval batch {i} kills the worker making it ({type(e).__name__}, after a "
+                                       f"restart and retries); its samples: {_names(spec, i)}") from None
                 if progress:
                     progress(1)
         finally:
@@ -116,6 +122,15 @@ def extract(spec: FeedSpec, refs: Mapping[str, Mapping[str, Any]], mean: Optiona
             if progress:
                 progress(1)
     return _concat(parts, list(refs))
+
+
+def _names(spec: FeedSpec, i: int, limit: int = 20) -> str:
+    """'shard key; …' of eval batch i (from the indexes; nothing decoded)."""
+    from selfsup.pipeline import storage
+
+    keys = BatchMaker(spec).keys(0, i)
+    more = f"; … ({len(keys) - limit} more)" if len(keys) > limit else ""
+    return "; ".join(f"{storage.redact_url(s)} {k}" for s, k in keys[:limit]) + more
 
 
 def _concat(parts: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:

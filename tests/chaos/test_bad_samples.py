@@ -115,3 +115,11 @@ def test_every_rank_records_its_quarantined_samples(tmp_path) -> None:
     records = [json.loads(line) for line in (run / "quarantine.jsonl").read_text().splitlines()]
     assert sorted(r["key"] for r in records) == sorted(bad)  # each once, from both ranks
     assert {r["rank"] for r in records} == {0, 1}
+
+
+def test_an_eval_batch_that_kills_its_worker_stops_naming_its_samples(pill: dict[str, Any]) -> None:
+    from selfsup.trainers.features import extract
+
+    spec = PoisonSpec(pill["snapshot"], 8, modality_args=ARGS, seed=1, train=False, label="cls")
+    with pytest.raises(RuntimeError, match=f"kills the worker making it.*{PILL}"):
+        extract(spec, {"raw": {"kind": "raw"}}, None, None, workers=1, use_ray=True, num_cpus=0.25)
