@@ -29,6 +29,7 @@ class TrainOptions:
     address: Optional[str] = None  # Ray cluster address (default $RAY_ADDRESS, else a local cluster)
     stop_after: Optional[int] = None  # stop at this step with a checkpoint (the schedule spans train.steps)
     quiet: bool = False  # no progress line
+    allow_plan_change: bool = False  # resume under other data settings, from the start of the next epoch
 
 
 @dataclass(frozen=True)
@@ -51,14 +52,14 @@ def train(cfg: PretrainConfig, options: TrainOptions = TrainOptions()) -> TrainR
     cfg = dataclasses.replace(cfg, run=storage.full_url(cfg.run))  # workers run in other folders
     if not options.use_ray:
         cfg = local_config(cfg)
-    resume_from = prepare_run(cfg, options.resume)
+    resume_from, new_plan = prepare_run(cfg, options.resume, options.allow_plan_change)
     progress = Progress(cfg, quiet=options.quiet)
     progress.start()
     try:
         if options.use_ray:
-            train_on_ray(cfg, resume_from, options.address, options.stop_after)
+            train_on_ray(cfg, resume_from, options.address, options.stop_after, new_plan)
         else:
-            train_here(cfg, resume_from, options.stop_after)
+            train_here(cfg, resume_from, options.stop_after, new_plan)
     except BaseException as e:
         progress.stop()
         mark_failed(cfg, e)
@@ -74,8 +75,9 @@ def local_config(cfg: PretrainConfig) -> PretrainConfig:
                                data=dataclasses.replace(cfg.data, backend=backend))
 
 
-def prepare_run(cfg: PretrainConfig, resume: bool) -> Optional[str]:
-    """Snapshot the data, write config.yaml and status; returns the checkpoint to resume from."""
+def prepare_run(cfg: PretrainConfig, resume: bool, allow_plan_change: bool = False) -> tuple[Optional[str], bool]:
+    """Snapshot the data, write config.yaml and status; returns the checkpoint to resume from and
+    whether it resumes under a new plan (from the start of the next epoch)."""
     from selfsup.pipeline.snapshot import snapshot_for_run
     from selfsup.trainers import checkpoint as ck
 
@@ -88,22 +90,33 @@ def prepare_run(cfg: PretrainConfig, resume: bool) -> Optional[str]:
     if resume and latest is None:
         print(f"selfsup pretrain: no complete checkpoint in {storage.redact_url(cfg.run)}; starting from step 0",
               file=sys.stderr)
-    snap = snapshot_for_run(cfg.run, cfg.data.sources, cfg.data.modality, opts)
+    changes = ck.plan_changes(ck.read_meta(latest, opts), to_dict(cfg)) if resume and latest else []
+    if changes and not allow_plan_change:
+        raise ValueError(f"run folder {storage.redact_url(cfg.run)} was trained to {latest.rsplit('/', 1)[-1]} "
+                         f"under other data settings ({'; '.join(changes)}): resuming would skip or repeat "
+                         "samples. Resume with the run's settings (its config.yaml), or pass "
+                         "--allow-plan-change to go on with the new ones from the start of the next epoch")
+    if changes:
+        print(f"selfsup pretrain: data settings changed ({'; '.join(changes)}); resuming from the start of "
+              "the next epoch under the new plan", file=sys.stderr)
+    snap = snapshot_for_run(cfg.run, cfg.data.sources, cfg.data.modality, opts,
+                            rebuild=any(c.startswith("data.sources") for c in changes))
     rf.write_config(cfg.run, cfg, opts)
     rf.write_status(cfg.run, rf.RunStatus(rf.RUNNING, step=0, steps=cfg.train.steps, shards=len(snap.shards),
                                           samples=snap.n_samples), opts)
     print(f"selfsup pretrain: run {storage.redact_url(cfg.run)}: {cfg.objective.name} on {cfg.data.modality}, "
           f"{len(snap.shards)} shards / {snap.n_samples} samples, {cfg.scaling.num_workers} worker(s), "
           f"{cfg.train.steps} steps", file=sys.stderr)
-    return latest if resume else None
+    return (latest if resume else None), bool(changes)
 
 
-def train_here(cfg: PretrainConfig, resume_from: Optional[str], stop_after: Optional[int] = None) -> None:
+def train_here(cfg: PretrainConfig, resume_from: Optional[str], stop_after: Optional[int] = None,
+               new_plan: bool = False) -> None:
     """The loop in this process (no Ray)."""
     from selfsup.trainers.loop import run_training
     from selfsup.trainers.reporting import LocalReporter
 
-    run_training(cfg, 0, 1, LocalReporter(cfg.run, cfg.storage_options), resume_from, stop_after)
+    run_training(cfg, 0, 1, LocalReporter(cfg.run, cfg.storage_options), resume_from, stop_after, new_plan)
 
 
 def local_cpus(cfg: PretrainConfig) -> float:
@@ -113,7 +126,7 @@ def local_cpus(cfg: PretrainConfig) -> float:
 
 
 def train_on_ray(cfg: PretrainConfig, resume_from: Optional[str], address: Optional[str],
-                 stop_after: Optional[int] = None) -> None:
+                 stop_after: Optional[int] = None, new_plan: bool = False) -> None:
     """TorchTrainer over train_loop_per_worker with checkpoints under RUN/checkpoints/."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -132,7 +145,7 @@ def train_on_ray(cfg: PretrainConfig, resume_from: Optional[str], address: Optio
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "cfg_with_secrets": ray.put(to_dict(cfg, secrets=True)),
-                           "resume_from": resume_from, "stop_after": stop_after},
+                           "resume_from": resume_from, "stop_after": stop_after, "new_plan": new_plan},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker, **s.resources_per_worker}),
         run_config=RunConfig(name=ck.CHECKPOINTS, storage_path=path, storage_filesystem=fs,

@@ -140,9 +140,9 @@ def load_snapshot(run_dir: str, options: Optional[Mapping[str, Any]] = None) -> 
 
 
 def snapshot_for_run(run_dir: str, sources: Sequence[SourceSpec], modality: Optional[str] = None,
-                     options: Optional[Mapping[str, Any]] = None) -> Snapshot:
-    """The run's snapshot: the saved one when resuming, else a new one, saved now."""
-    if storage.exists(storage.join(run_dir, SNAPSHOT_FILE), options):
+                     options: Optional[Mapping[str, Any]] = None, rebuild: bool = False) -> Snapshot:
+    """The run's snapshot: the saved one when resuming (unless `rebuild`), else a new one, saved now."""
+    if not rebuild and storage.exists(storage.join(run_dir, SNAPSHOT_FILE), options):
         return load_snapshot(run_dir, options)
     snap = build_snapshot(sources, modality, options)
     save_snapshot(snap, run_dir, options)

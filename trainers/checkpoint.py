@@ -45,6 +45,36 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+# Settings that decide which samples each data position holds: a resume under other values would
+# skip or repeat samples (the position counts micro-batches of the old plan).
+PLAN_SETTINGS = ("data.batch_size", "data.mix", "data.run_length", "train.seed", "data.sources")
+
+
+def plan_changes(meta: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
+    """'setting: old → new' for each PLAN_SETTINGS value that differs between a checkpoint's
+    meta.json (its recorded config) and `config` (a config as plain data, secrets stripped)."""
+    old_config = meta.get("config")
+    if not isinstance(old_config, Mapping):
+        return []  # a checkpoint from before configs were recorded: nothing to compare
+    out = []
+    for name in PLAN_SETTINGS:
+        old, new = _dotted(old_config, name), _dotted(config, name)
+        if old != new:
+            out.append(f"{name}: {_short(old)} → {_short(new)}")
+    return out
+
+
+def _dotted(data: Mapping[str, Any], name: str) -> Any:
+    for part in name.split("."):
+        data = data.get(part) if isinstance(data, Mapping) else None
+    return data
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
 def torch_bytes(obj: Any) -> bytes:
     """torch.save into memory."""
     buf = io.BytesIO()

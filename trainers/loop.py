@@ -50,7 +50,7 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
     cfg = from_dict(PretrainConfig, ray.get(whole) if whole is not None else config["cfg"])
     reporter = RayReporter(cfg.run, cfg.storage_options)
     run_training(cfg, ctx.get_world_rank(), ctx.get_world_size(), reporter, config.get("resume_from"),
-                 config.get("stop_after"))
+                 config.get("stop_after"), bool(config.get("new_plan")))
 
 
 def build_objective(cfg: PretrainConfig) -> Objective:
@@ -83,8 +83,11 @@ def wrap_model(objective: nn.Module, world: int, in_ray: bool) -> tuple[nn.Modul
 
 
 def run_training(cfg: PretrainConfig, rank: int, world: int, reporter: Reporter,
-                 resume_from: Optional[str] = None, stop_after: Optional[int] = None) -> dict[str, Any]:
-    """Train to cfg.train.steps (or stop, checkpointed, at `stop_after`) from scratch or a checkpoint."""
+                 resume_from: Optional[str] = None, stop_after: Optional[int] = None,
+                 new_plan: bool = False) -> dict[str, Any]:
+    """Train to cfg.train.steps (or stop, checkpointed, at `stop_after`) from scratch or a checkpoint;
+    `new_plan`: the checkpoint's data position belongs to other data settings, so the data starts at
+    the next epoch (the model, optimizer and step continue)."""
     opts = cfg.storage_options
     objective = build_objective(cfg)
     model, device = wrap_model(as_module(objective), world, isinstance(reporter, RayReporter))
@@ -96,6 +99,11 @@ def run_training(cfg: PretrainConfig, rank: int, world: int, reporter: Reporter,
                      cfg.data.stream_cpus, cfg.data.stream_resources or None,
                      quarantine_url=run_folder.quarantine_url(cfg.run), max_deaths=cfg.data.max_worker_deaths)
     step = restore(reporter.restore_point() or resume_from, core, optimizer, feed, opts, rank)
+    if new_plan and resume_from and step == int(ck.read_meta(resume_from, opts)["step"]):  # not a later
+        # checkpoint of this session (Ray Train restarting the workers): those are under the new plan
+        position = feed.state_dict()
+        feed.load_state_dict({"epoch": position["epoch"] + (1 if position["consumed"] else 0), "consumed": 0})
+        log.info("rank %d: new data plan, starting at epoch %d", rank, feed.state_dict()["epoch"])
     if step == 0 and cfg.train.init_from:
         warm_start(cfg.train.init_from, core, opts, rank)
     try:

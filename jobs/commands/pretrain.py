@@ -29,6 +29,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4")
     p.add_argument("--resume", action="store_true",
                    help="continue the run folder from its latest complete checkpoint at its exact data position")
+    p.add_argument("--allow-plan-change", action="store_true",
+                   help="with --resume: accept changed data settings (batch size, seed, mix, run length, "
+                        "sources; otherwise refused, as the data position would skip or repeat samples) and "
+                        "go on with them from the start of the next epoch")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else start a local one)")
     p.add_argument("--no-ray", action="store_true",
                    help="run the same loop in this process without Ray (one worker; local-process streams)")
@@ -43,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     """Load and check the config, then train; a failure other than a bad input exits 1."""
     cfg = validate(load_config(PretrainConfig, args.config, args.overrides))
     options = TrainOptions(resume=args.resume, use_ray=not args.no_ray, address=args.address,
-                           stop_after=args.stop_after, quiet=args.quiet)
+                           stop_after=args.stop_after, quiet=args.quiet,
+                           allow_plan_change=args.allow_plan_change)
     try:
         train(cfg, options)
     except (KeyboardInterrupt, ValueError, FileNotFoundError, PermissionError):

@@ -108,6 +108,30 @@ def test_train_engine_stops_resumes_and_leaves_a_refused_run_alone(tmp_path, fm_
     assert [m["step"] for m in rf.read_metrics(run)] == [1, 2, 3, 4]
 
 
+def test_resume_under_other_data_settings_is_refused_unless_allowed(tmp_path, fm_shards):
+    """A resume after batch 64 → 32 would skip or repeat samples: refused naming the setting; with
+    --allow-plan-change it goes on under the new plan from the start of the next epoch."""
+    from selfsup.jobs.training import TrainOptions, train
+    from selfsup.pipeline.config import load_config
+    from selfsup.trainers.config import PretrainConfig, validate
+
+    run = str(tmp_path / "plan")
+    first = validate(load_config(PretrainConfig, CONFIG, overrides(run, fm_shards, 6, **{"data.backend": "inline"})))
+    assert train(first, TrainOptions(use_ray=False, stop_after=2, quiet=True)).step == 2
+    assert ck.read_meta(ck.latest_checkpoint(run))["data_position"] == {"epoch": 0, "consumed": 2}
+    changed = validate(load_config(PretrainConfig, CONFIG, overrides(
+        run, fm_shards, 6, **{"data.backend": "inline", "data.batch_size": 32, "train.seed": 7})))
+    with pytest.raises(ValueError, match=r"data\.batch_size: 64 → 32; train\.seed: 0 → 7.*--allow-plan-change"):
+        train(changed, TrainOptions(use_ray=False, resume=True, quiet=True))
+    assert ck.read_meta(ck.latest_checkpoint(run))["step"] == 2  # refused before anything ran
+    assert train(first, TrainOptions(use_ray=False, resume=True, stop_after=3, quiet=True)).step == 3  # same: fine
+    done = train(changed, TrainOptions(use_ray=False, resume=True, allow_plan_change=True, quiet=True))
+    assert (done.state, done.step) == (rf.FINISHED, 6)
+    meta = ck.read_meta(done.checkpoint)
+    assert meta["data_position"] == {"epoch": 1, "consumed": 3}  # 3 steps of batch 32 from epoch 1's start
+    assert meta["config"]["data"]["batch_size"] == 32
+
+
 def _kill_a_train_worker(run: str, at_step: int, done: threading.Event, killed: list) -> None:
     """SIGKILL rank 0's process (status.json names it) once the run passes `at_step`."""
     while not done.is_set():
