@@ -1,23 +1,39 @@
 """The training engine shared by `selfsup pretrain` and `selfsup retrain`: `train(cfg, options)`.
 
-It freezes the data snapshot into the run folder, writes the resolved config and status, runs
-the loop (a TorchTrainer on the current Ray cluster, or the same loop in this process), shows a
-live progress line from the run's status, and marks the run finished, stopped (resumable) or
-failed.
+It takes the run folder's trainer lease (a second live trainer of the same folder is refused),
+freezes the data snapshot into the run folder, writes the resolved config and status, runs the
+loop (a TorchTrainer on the current Ray cluster, or the same loop in this process), shows a live
+progress line from the run's status, and marks the run finished, stopped (resumable) or failed.
+
+While training, the lease is renewed from this process and read by the workers every log step:
+a stop asked through it (`TrainOptions.stop_when`, e.g. a retrain that lost its own lease) makes
+every rank checkpoint and stop at the same step (state `stopped`); a lease taken by another
+trainer (this process stopped renewing, e.g. partitioned) makes them stop at once without
+writing anything more, and `train` raises RunTaken.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import sys
 import threading
+import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from selfsup.jobs.common import ensure_ray
+from selfsup.pipeline import lease as leases
 from selfsup.pipeline import storage
 from selfsup.pipeline.config import to_dict
 from selfsup.trainers import run_folder as rf
 from selfsup.trainers.config import PretrainConfig
+
+log = logging.getLogger(__name__)
+
+
+class RunTaken(RuntimeError):
+    """Another trainer took this run folder's lease: this one stopped without writing anything more."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +46,10 @@ class TrainOptions:
     stop_after: Optional[int] = None  # stop at this step with a checkpoint (the schedule spans train.steps)
     quiet: bool = False  # no progress line
     allow_plan_change: bool = False  # resume under other data settings, from the start of the next epoch
+    stop_when: Optional[threading.Event] = None  # once set, the workers checkpoint and stop (state stopped)
+    stop_reason: str = "a stop was asked"  # why, for the status and the logs
+    lease_seconds: float = 60.0  # the trainer lease's expiry: how long a dead trainer blocks the folder
+    wait_for_folder_s: float = 0.0  # how long to wait for another live trainer of the folder to end
 
 
 @dataclass(frozen=True)
@@ -52,20 +72,112 @@ def train(cfg: PretrainConfig, options: TrainOptions = TrainOptions()) -> TrainR
     cfg = dataclasses.replace(cfg, run=storage.full_url(cfg.run))  # workers run in other folders
     if not options.use_ray:
         cfg = local_config(cfg)
-    resume_from, new_plan = prepare_run(cfg, options.resume, options.allow_plan_change)
-    progress = Progress(cfg, quiet=options.quiet)
-    progress.start()
-    try:
-        if options.use_ray:
-            train_on_ray(cfg, resume_from, options.address, options.stop_after, new_plan)
-        else:
-            train_here(cfg, resume_from, options.stop_after, new_plan)
-    except BaseException as e:
+    storage.check_writable(cfg.run, cfg.storage_options)
+    with TrainerLease(cfg, options) as held:
+        resume_from, new_plan = prepare_run(cfg, options.resume, options.allow_plan_change)
+        progress = Progress(cfg, quiet=options.quiet)
+        progress.start()
+        try:
+            if options.use_ray:
+                train_on_ray(cfg, resume_from, options.address, options.stop_after, new_plan, held.ident)
+            else:
+                train_here(cfg, resume_from, options.stop_after, new_plan, held.ident)
+        except BaseException as e:
+            progress.stop()
+            if held.lost:
+                raise held.taken() from e
+            mark_failed(cfg, e)
+            raise
         progress.stop()
-        mark_failed(cfg, e)
-        raise
-    progress.stop()
-    return finish(cfg)
+        if held.lost:
+            raise held.taken()
+        return finish(cfg, held.stop_reason)
+
+
+class TrainerLease:
+    """This trainer's hold on `<run>/trainer.lease`: one live trainer per run folder.
+
+    Entering takes the lease (waiting up to `wait_for_folder_s` for another live trainer to end,
+    then ValueError naming it), renews it from a thread, and writes `stop` into it once
+    `options.stop_when` is set; leaving releases it. Storage without conditional writes (e.g.
+    memory://) gets no lease: a warning says a second trainer would not be refused.
+    """
+
+    def __init__(self, cfg: PretrainConfig, options: TrainOptions) -> None:
+        self.cfg, self.options = cfg, options
+        self.url = rf.trainer_lease_url(cfg.run)
+        self.lease: Optional[leases.Lease] = None
+        self.stop_reason: Optional[str] = None
+        self._stack = contextlib.ExitStack()
+        self._done = threading.Event()
+        try:
+            leases.check_supported(self.url)
+        except ValueError:
+            log.warning("%s: no conditional writes on this storage, so a second trainer of this run folder "
+                        "would not be refused", storage.redact_url(cfg.run))
+            return
+        self.lease = leases.Lease(self.url, options.lease_seconds, cfg.storage_options)
+
+    @property
+    def ident(self) -> Optional[dict[str, str]]:
+        """What the workers watch: the lease's URL and this trainer's owner id (None without a lease)."""
+        return {"url": self.url, "owner": self.lease.owner} if self.lease else None
+
+    @property
+    def lost(self) -> bool:
+        """Whether another trainer took the lease while this one trained."""
+        if self.lease is None:
+            return False
+        if self.lease.lost.is_set():
+            return True
+        body = self.lease.read()
+        return body is None or body.get("owner") != self.lease.owner
+
+    def taken(self) -> RunTaken:
+        holder = (self.lease.read() if self.lease else None) or {}
+        return RunTaken(f"run folder {storage.redact_url(self.cfg.run)} was taken over by another trainer "
+                        f"({holder.get('owner', 'unknown')}) after this one could not renew its lease; this "
+                        "trainer stopped without writing anything more")
+
+    def __enter__(self) -> "TrainerLease":
+        if self.lease is None:
+            return self
+        deadline = time.monotonic() + self.options.wait_for_folder_s
+        while (taken := self.lease.acquire()) is None:
+            if time.monotonic() >= deadline:
+                holder = self.lease.holder() or {}
+                expires = float(holder.get("expires", time.time())) - time.time()
+                raise ValueError(f"run folder {storage.redact_url(self.cfg.run)} is being trained by another "
+                                 f"trainer ({holder.get('owner', 'unknown')}, its lease renewed until "
+                                 f"{max(expires, 0):.0f} s from now): wait for it to end, or choose another run=...")
+            time.sleep(1.0)
+        if taken.took_over:
+            log.warning("took over run folder %s from trainer %s, which stopped renewing its lease",
+                        storage.redact_url(self.cfg.run), taken.previous.get("owner"))
+        self._stack.enter_context(self.lease.renewing())
+        if self.options.stop_when is not None:
+            thread = threading.Thread(target=self._watch, name="trainer-stop", daemon=True)
+            thread.start()
+            self._stack.callback(thread.join, 5)
+            self._stack.callback(self._done.set)
+        return self
+
+    def _watch(self) -> None:
+        assert self.options.stop_when is not None and self.lease is not None
+        while not self._done.is_set():
+            if self.options.stop_when.wait(0.5):
+                self.stop_reason = self.options.stop_reason
+                try:
+                    self.lease.update(stop=self.stop_reason)
+                    log.warning("asked the workers to checkpoint and stop: %s", self.stop_reason)
+                except (leases.LeaseLost, OSError) as e:
+                    log.error("could not ask the workers to stop (%s); they stop when the lease is lost", e)
+                return
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.close()
+        if self.lease is not None:
+            self.lease.release()
 
 
 def local_config(cfg: PretrainConfig) -> PretrainConfig:
@@ -82,7 +194,6 @@ def prepare_run(cfg: PretrainConfig, resume: bool, allow_plan_change: bool = Fal
     from selfsup.trainers import checkpoint as ck
 
     opts = cfg.storage_options
-    storage.check_writable(cfg.run, opts)
     latest = ck.latest_checkpoint(cfg.run, opts)
     if latest and not resume:
         raise ValueError(f"run folder {storage.redact_url(cfg.run)} already has checkpoints (latest "
@@ -111,12 +222,13 @@ def prepare_run(cfg: PretrainConfig, resume: bool, allow_plan_change: bool = Fal
 
 
 def train_here(cfg: PretrainConfig, resume_from: Optional[str], stop_after: Optional[int] = None,
-               new_plan: bool = False) -> None:
+               new_plan: bool = False, lease: Optional[dict[str, str]] = None) -> None:
     """The loop in this process (no Ray)."""
     from selfsup.trainers.loop import run_training
     from selfsup.trainers.reporting import LocalReporter
 
-    run_training(cfg, 0, 1, LocalReporter(cfg.run, cfg.storage_options), resume_from, stop_after, new_plan)
+    run_training(cfg, 0, 1, LocalReporter(cfg.run, cfg.storage_options), resume_from, stop_after, new_plan,
+                 lease)
 
 
 def local_cpus(cfg: PretrainConfig) -> float:
@@ -126,7 +238,8 @@ def local_cpus(cfg: PretrainConfig) -> float:
 
 
 def train_on_ray(cfg: PretrainConfig, resume_from: Optional[str], address: Optional[str],
-                 stop_after: Optional[int] = None, new_plan: bool = False) -> None:
+                 stop_after: Optional[int] = None, new_plan: bool = False,
+                 lease: Optional[dict[str, str]] = None) -> None:
     """TorchTrainer over train_loop_per_worker with checkpoints under RUN/checkpoints/."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -145,7 +258,8 @@ def train_on_ray(cfg: PretrainConfig, resume_from: Optional[str], address: Optio
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "cfg_with_secrets": ray.put(to_dict(cfg, secrets=True)),
-                           "resume_from": resume_from, "stop_after": stop_after, "new_plan": new_plan},
+                           "resume_from": resume_from, "stop_after": stop_after, "new_plan": new_plan,
+                           "lease": lease},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker, **s.resources_per_worker}),
         run_config=RunConfig(name=ck.CHECKPOINTS, storage_path=path, storage_filesystem=fs,
@@ -166,8 +280,9 @@ def mark_failed(cfg: PretrainConfig, error: BaseException) -> None:
                     cfg.storage_options)
 
 
-def finish(cfg: PretrainConfig) -> TrainResult:
-    """Mark the run finished (or stopped, resumable) and print where its checkpoints are."""
+def finish(cfg: PretrainConfig, stop_reason: Optional[str] = None) -> TrainResult:
+    """Mark the run finished (or stopped, resumable, with `stop_reason` if a stop was asked) and print
+    where its checkpoints are."""
     from selfsup.trainers import checkpoint as ck
 
     opts = cfg.storage_options
@@ -176,9 +291,11 @@ def finish(cfg: PretrainConfig) -> TrainResult:
     step = int(last.get("step", cfg.train.steps))
     stopped = step < (last.get("horizon") or cfg.train.steps)  # a time-fitted schedule ends at its horizon
     result = TrainResult(rf.STOPPED if stopped else rf.FINISHED, step, last.get("loss"), latest)
+    why = stop_reason if stopped else None
     rf.write_status(cfg.run, rf.RunStatus(result.state, step=step, steps=cfg.train.steps, loss=result.loss,
-                                          checkpoint=latest and storage.redact_url(latest)), opts)
-    print(f"selfsup pretrain: {'stopped at' if stopped else 'finished'} {step} steps, "
+                                          checkpoint=latest and storage.redact_url(latest),
+                                          warning=why and f"stopped: {why}"), opts)
+    print(f"selfsup pretrain: {'stopped at' if stopped else 'finished'} {step} steps{f' ({why})' if why else ''}, "
           f"loss {last.get('loss', float('nan')):.4f}; "
           f"checkpoint {storage.redact_url(latest) if latest else '(none)'}", file=sys.stderr)
     return result

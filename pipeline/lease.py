@@ -80,8 +80,7 @@ class Lease:
 
     def read(self) -> Optional[dict[str, Any]]:
         """The current lease body, or None when there is none."""
-        data, _ = storage.read_versioned(self.url, self.options)
-        return _parse(data) if data is not None else None
+        return read_lease(self.url, self.options)
 
     def acquire(self) -> Optional[Acquired]:
         """Take the lease if it is free, released or expired; None when another live holder has it."""
@@ -180,6 +179,12 @@ class Lease:
         """The version of our own write (read back; None if someone else's body is already there)."""
         data, version = storage.read_versioned(self.url, self.options)
         return version if data == body else None
+
+
+def read_lease(url: str, options: Optional[Mapping[str, Any]] = None) -> Optional[dict[str, Any]]:
+    """The body of the lease at `url` (for watchers that do not hold it), or None when there is none."""
+    data, _ = storage.read_versioned(url, options)
+    return _parse(data) if data is not None else None
 
 
 def _parse(data: bytes) -> dict[str, Any]:

@@ -50,7 +50,7 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
     cfg = from_dict(PretrainConfig, ray.get(whole) if whole is not None else config["cfg"])
     reporter = RayReporter(cfg.run, cfg.storage_options)
     run_training(cfg, ctx.get_world_rank(), ctx.get_world_size(), reporter, config.get("resume_from"),
-                 config.get("stop_after"), bool(config.get("new_plan")))
+                 config.get("stop_after"), bool(config.get("new_plan")), config.get("lease"))
 
 
 def build_objective(cfg: PretrainConfig) -> Objective:
@@ -84,10 +84,11 @@ def wrap_model(objective: nn.Module, world: int, in_ray: bool) -> tuple[nn.Modul
 
 def run_training(cfg: PretrainConfig, rank: int, world: int, reporter: Reporter,
                  resume_from: Optional[str] = None, stop_after: Optional[int] = None,
-                 new_plan: bool = False) -> dict[str, Any]:
+                 new_plan: bool = False, lease: Optional[Mapping[str, str]] = None) -> dict[str, Any]:
     """Train to cfg.train.steps (or stop, checkpointed, at `stop_after`) from scratch or a checkpoint;
     `new_plan`: the checkpoint's data position belongs to other data settings, so the data starts at
-    the next epoch (the model, optimizer and step continue)."""
+    the next epoch (the model, optimizer and step continue); `lease`: {"url", "owner"} of the trainer
+    lease to watch every log step (a stop asked there: checkpoint and stop; lost: stop at once)."""
     opts = cfg.storage_options
     objective = build_objective(cfg)
     model, device = wrap_model(as_module(objective), world, isinstance(reporter, RayReporter))
@@ -108,7 +109,8 @@ def run_training(cfg: PretrainConfig, rank: int, world: int, reporter: Reporter,
         warm_start(cfg.train.init_from, core, opts, rank)
     try:
         until = min(cfg.train.steps, stop_after) if stop_after else cfg.train.steps
-        return _steps(cfg, rank, world, model, core, optimizer, feed, device, reporter, step, until)
+        watch = LeaseWatch(lease["url"], lease["owner"], opts) if lease else None
+        return _steps(cfg, rank, world, model, core, optimizer, feed, device, reporter, step, until, watch)
     finally:
         feed.close()
 
@@ -166,7 +168,7 @@ def _micro_step(model: nn.Module, batch: Mapping[str, Any], device: torch.device
 
 def _steps(cfg: PretrainConfig, rank: int, world: int, model: nn.Module, core: Objective,
            optimizer: torch.optim.Optimizer, feed: BatchFeed, device: torch.device, reporter: Reporter,
-           step: int, until: int) -> dict[str, Any]:
+           step: int, until: int, watch: Optional["LeaseWatch"] = None) -> dict[str, Any]:
     t = cfg.train
     window = _Window(feed)
     last: dict[str, Any] = {}
@@ -196,6 +198,14 @@ def _steps(cfg: PretrainConfig, rank: int, world: int, model: nn.Module, core: O
             elif t.time_schedule:
                 horizon = fitted_horizon(step, first, elapsed, 60.0 * t.time_limit_minutes, t.steps)
                 until = min(asked, horizon)  # the pace estimate moves both ways
+        if watch is not None and step % t.log_every == 0 and step < until:
+            verdict, why = watch.agreed(rank, world)
+            if verdict == LeaseWatch.STOP:
+                log.warning("stopping at step %d with a checkpoint: %s", step, why)
+                until = step
+            elif verdict == LeaseWatch.LOST:
+                log.error("stopping at step %d without a checkpoint: %s", step, why)
+                return last
         ckpt_now = step % t.ckpt_every == 0 or step == until
         if step % t.log_every == 0 or ckpt_now:
             last = window.metrics(step, optimizer.param_groups[0]["lr"], world, t.collapse_threshold)
@@ -208,6 +218,43 @@ def _steps(cfg: PretrainConfig, rank: int, world: int, model: nn.Module, core: O
             # reach <run>/metrics.jsonl from rank 0, so a report per log step would stall every rank
             _checkpoint(cfg, rank, world, core, optimizer, feed, step, reporter, last)
     return last
+
+
+class LeaseWatch:
+    """The workers' view of the trainer lease: rank 0 reads it, every rank gets the same verdict."""
+
+    GO, STOP, LOST = 0, 1, 2
+
+    def __init__(self, url: str, owner: str, options: Optional[Mapping[str, Any]]) -> None:
+        self.url, self.owner, self.options = url, owner, options
+
+    def verdict(self) -> tuple[int, str]:
+        """GO, STOP (a stop was asked: checkpoint and stop) or LOST (another trainer holds the folder,
+        or the lease expired unrenewed: write nothing more), with the reason."""
+        from selfsup.pipeline.lease import read_lease
+
+        try:
+            body = read_lease(self.url, self.options)
+        except OSError as e:  # storage trouble: the lease's expiry has slack; look again next log step
+            log.warning("could not read the trainer lease (%s); training on", e)
+            return self.GO, ""
+        if body is None or body.get("owner") != self.owner or body.get("released"):
+            return self.LOST, f"the run folder's trainer lease is now held by {(body or {}).get('owner')}"
+        if float(body.get("expires", 0)) < time.time():
+            return self.LOST, "the trainer lease expired unrenewed (the driver is gone or cut off)"
+        if body.get("stop"):
+            return self.STOP, str(body["stop"])
+        return self.GO, ""
+
+    def agreed(self, rank: int, world: int) -> tuple[int, str]:
+        """Rank 0's verdict on every rank (a collective when there are several)."""
+        verdict, why = self.verdict() if rank == 0 else (self.GO, "")
+        if world > 1 and torch.distributed.is_initialized():
+            code = torch.tensor([verdict], dtype=torch.int64).to(_dist_device())
+            torch.distributed.all_reduce(code, op=torch.distributed.ReduceOp.MAX)
+            if int(code.item()) != verdict:
+                verdict, why = int(code.item()), "rank 0 read it in the trainer lease"
+        return verdict, why
 
 
 def _elapsed(started: float, world: int) -> float:

@@ -5,6 +5,7 @@
     <run>/status.json         one RunStatus                              write_status / read_status
     <run>/metrics.jsonl       one line per logged step                   append_metrics / read_metrics / last_metrics
     <run>/quarantine.jsonl    undecodable samples (pipeline/feed.py)     quarantine_url
+    <run>/trainer.lease       the live trainer's lease (jobs/training.py) trainer_lease_url
     <run>/checkpoints/        trainers/checkpoint.py owns its names
     <run>/eval/               evaluation results and plots               eval_url
 
@@ -25,9 +26,11 @@ from selfsup.pipeline.snapshot import SNAPSHOT_FILE
 from selfsup.trainers.config import PretrainConfig
 
 CONFIG, STATUS, METRICS, QUARANTINE, EVAL = "config.yaml", "status.json", "metrics.jsonl", "quarantine.jsonl", "eval"
+TRAINER_LEASE = "trainer.lease"
 MANIFEST = SNAPSHOT_FILE
 
-# run states: `stopped` is resumable (train.time_limit_minutes or --stop-after reached, checkpointed)
+# run states: `stopped` is resumable (train.time_limit_minutes or --stop-after reached, or a stop asked
+# through the trainer's lease, e.g. when a retrain lost its lease; checkpointed)
 RUNNING, STOPPED, FINISHED, FAILED = "running", "stopped", "finished", "failed"
 STATES = (RUNNING, STOPPED, FINISHED, FAILED)
 ENDED = (STOPPED, FINISHED, FAILED)  # nothing more will be written until a --resume
@@ -52,6 +55,11 @@ def metrics_url(run: str) -> str:
 def quarantine_url(run: str) -> str:
     """`<run>/quarantine.jsonl`."""
     return storage.join(run, QUARANTINE)
+
+
+def trainer_lease_url(run: str) -> str:
+    """`<run>/trainer.lease`: held by the one live trainer of the run (pipeline/lease.py)."""
+    return storage.join(run, TRAINER_LEASE)
 
 
 def manifest_url(run: str) -> str:

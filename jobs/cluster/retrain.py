@@ -220,8 +220,17 @@ class Retrain:
     def train_and_judge(self, run_cfg: PretrainConfig, name: str, resume: bool) -> int:
         """Train the run; hand it over when it stopped early, else evaluate and judge it."""
         o = self.options
-        trained = train(run_cfg, TrainOptions(resume=resume, use_ray=o.use_ray, address=o.address, quiet=o.quiet))
+        trained = train(run_cfg, TrainOptions(
+            resume=resume, use_ray=o.use_ray, address=o.address, quiet=o.quiet, stop_when=self.lease.lost,
+            stop_reason=f"this retrain ({self.lease.owner}) lost {LEASE} to another invocation",
+            lease_seconds=min(60.0, self.cfg.retrain.lease_seconds),
+            wait_for_folder_s=self.cfg.retrain.lease_seconds if resume else 0.0))  # its old trainer stopping
         step = trained.step
+        if self.lease.lost.is_set():  # the workers checkpointed and stopped; the new holder resumes the run
+            self.book.append("lost-lease", run=name, step=step,
+                             reason=f"the lease was taken over during training; stopped with a checkpoint at "
+                                    f"step {step}/{run_cfg.train.steps} for the new holder to resume")
+            return 1
         if trained.stopped:  # e.g. train.time_limit_minutes: hand the run to the next invocation
             self.lease.update(handover=True)
             self.book.append("stopped", run=name, reason=f"training stopped at step {step}/{run_cfg.train.steps}; "
