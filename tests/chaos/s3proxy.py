@@ -21,7 +21,7 @@ HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "proxy-connectio
 
 @dataclass
 class Fault:
-    """Drop the reply (or answer `status`) of the `nth` request matching method and path."""
+    """Drop the reply (or answer `status`) of the `nth` request matching method and path (every one if nth=0)."""
 
     method: str
     path_contains: str
@@ -82,7 +82,7 @@ class S3Proxy:
                     for f in state.faults:
                         if f.method == self.command and f.path_contains in self.path:
                             f.seen += 1
-                            if f.seen == f.nth:
+                            if f.seen == f.nth or f.nth == 0:
                                 f.fired += 1
                                 fault = f
                 if fault is not None and fault.status is not None:
@@ -140,7 +140,7 @@ class S3Proxy:
         return self._add(Fault(method, path_contains, nth))
 
     def fail(self, method: str, path_contains: str, nth: int = 1, status: int = 503) -> Fault:
-        """Answer the nth matching request with `status` without forwarding it."""
+        """Answer the nth matching request (every one if nth=0) with `status` without forwarding it."""
         return self._add(Fault(method, path_contains, nth, status))
 
     def _add(self, fault: Fault) -> Fault:
