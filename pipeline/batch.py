@@ -2,10 +2,11 @@
 
 `BatchMaker.make(epoch, i)` is a pure function of (feed spec, epoch, i): ShardStream actors,
 local worker processes and the calling thread all produce the same bytes, so any of them can
-make any batch. Bad samples (decode failures on fully read bytes) are quarantined: their slot
-is filled by a stable-hash choice from the same micro-batch, flagged and reported; no other
-position moves. Samples known to kill the process making them (`killers`, found by the feed's
-isolation of a batch that kept killing its worker) are quarantined the same way, never decoded.
+make any batch. Bad samples (decode failures on fully read bytes, and samples whose index gives
+them more bytes than their modality reads, left unread) are quarantined: their slot is filled by
+a stable-hash choice from the same micro-batch, flagged and reported; no other position moves.
+Samples known to kill the process making them (`killers`, found by the feed's isolation of a
+batch that kept killing its worker) are quarantined the same way, never decoded.
 I/O errors are retried by the storage layer, then raised naming the shard.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 from selfsup.pipeline import storage
 from selfsup.pipeline.masking import make_mask
 from selfsup.pipeline.modalities import make_modality
-from selfsup.pipeline.modalities.base import Sample
+from selfsup.pipeline.modalities.base import Modality, Sample
 from selfsup.pipeline.plan import EpochPlan, plan_epoch
 from selfsup.pipeline.seeding import sample_rng, stable_hash
 from selfsup.pipeline.snapshot import Snapshot
@@ -30,6 +31,8 @@ from selfsup.pipeline.tarindex import ShardIndex, decode_label, load_index, memb
 ON_ERROR = ("quarantine", "raise")
 MAX_REPLACEMENT_ATTEMPTS = 16
 KILLED = "WorkerKilled: making this sample killed the process making it"  # a killer's quarantine error
+MAX_SAMPLE_BYTES = 2**31  # the most one sample may span in its shard (the video modality reads members up to 2 GB)
+SAMPLE_OVERHEAD = 2**20   # tar headers, .json and .cls beside a media member
 
 
 class ShardReadError(IOError):
@@ -38,6 +41,10 @@ class ShardReadError(IOError):
 
 class SampleDecodeError(ValueError):
     """A sample that failed to decode while on_error='raise'."""
+
+
+class SampleTooLarge(ValueError):
+    """A sample whose index gives it more bytes than its modality reads; it is quarantined unread."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,12 @@ class FeedSpec:
         return plan_epoch(self.snapshot, self.seed, epoch, self.batch_size, self.mix, self.run_length, self.train)
 
 
+def sample_byte_limit(modality: Modality) -> int:
+    """The most bytes a sample may span before it is read: its modality's `max_bytes` (if any) plus headers."""
+    member = getattr(modality, "max_bytes", None)
+    return MAX_SAMPLE_BYTES if member is None else min(MAX_SAMPLE_BYTES, int(member) + SAMPLE_OVERHEAD)
+
+
 def label_of(members: Mapping[str, bytes], target: str) -> int:
     """The integer label `target` of a sample: `.cls`, or a key of its `.json`; -1 if absent."""
     try:
@@ -89,6 +102,7 @@ class BatchMaker:
         self.spec = spec
         self.modality = make_modality(spec.snapshot.modality, **dict(spec.modality_args))
         self.grid = self.modality.token_grid(spec.mask["geometry"]) if spec.mask is not None else None
+        self.sample_limit = sample_byte_limit(self.modality)
         self._index = functools.lru_cache(maxsize=256)(self._load_index)
 
     def _load_index(self, shard: int) -> ShardIndex:
@@ -111,6 +125,28 @@ class BatchMaker:
         except OSError as e:
             raise ShardReadError(f"reading {storage.redact_url(ref.url)} bytes {start}-{end} failed: {e}") from e
         return members_from_range(idx, lo, hi, data)
+
+    def read_within_limit(self, shard: int, lo: int, hi: int) -> list[tuple[str, dict[str, bytes], Optional[str]]]:
+        """Samples lo..hi-1 as (key, members, why unread), reading only those within `sample_limit`.
+
+        Each run of such samples is one ranged read; any other is left unread (members {}) on its index size alone.
+        """
+        idx = self._index(shard)
+        fits = [idx.ends[j] - idx.starts[j] <= self.sample_limit for j in range(lo, hi)]
+        out: list[tuple[str, dict[str, bytes], Optional[str]]] = []
+        j = lo
+        while j < hi:
+            if not fits[j - lo]:
+                out.append((idx.keys[j], {}, f"sample is {idx.ends[j] - idx.starts[j]} bytes in its shard index, over "
+                                             f"the limit of {self.sample_limit} for {self.modality.name}: not read"))
+                j += 1
+                continue
+            k = j + 1
+            while k < hi and fits[k - lo]:
+                k += 1
+            out += [(key, members, None) for key, members in self.read(shard, j, k)]
+            j = k
+        return out
 
     def sample(self, epoch: int, shard: int, key: str, members: Mapping[str, bytes], slot: int) -> Sample:
         """One sample's arrays (views, mask); raises on decode failure."""
@@ -135,7 +171,9 @@ class BatchMaker:
         """Make only row `slot` of micro-batch i (the feed's isolation: does this sample kill its
         process?); True if it decoded, False if it failed the ordinary way (a decode error)."""
         shard, lo, _ = _locate(self.spec.plan(epoch).batch(i), slot)
-        key, members = self.read(shard, lo, lo + 1)[0]
+        key, members, why = self.read_within_limit(shard, lo, lo + 1)[0]
+        if why:  # too large to read: make() quarantines it unread
+            return False
         try:
             self.sample(epoch, shard, key, members, slot)
         except Exception:  # noqa: BLE001 - a decode failure; make() quarantines it
@@ -149,8 +187,11 @@ class BatchMaker:
         """
         plan = self.spec.plan(epoch)
         rows: list[tuple[int, int, str, dict[str, bytes]]] = []  # shard, position, key, members
+        unread: dict[int, str] = {}  # slot: why its sample was not read
         for shard, lo, hi in plan.batch(i):
-            for pos, (key, members) in zip(range(lo, hi), self.read(shard, lo, hi)):
+            for pos, (key, members, why) in zip(range(lo, hi), self.read_within_limit(shard, lo, hi)):
+                if why:
+                    unread[len(rows)] = why
                 rows.append((shard, pos, key, members))
         n_valid = int(plan.valid[i])
         samples: list[Optional[Sample]] = []
@@ -162,6 +203,8 @@ class BatchMaker:
                 errors[slot] = KILLED
                 continue
             try:
+                if slot in unread:
+                    raise SampleTooLarge(unread[slot])
                 samples.append(self.sample(epoch, shard, key, members, slot))
             except Exception as e:  # noqa: BLE001 - any failure on fully read bytes is a decode failure
                 if self.spec.on_error == "raise":

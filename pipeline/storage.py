@@ -153,6 +153,9 @@ def read_bytes(url: str, start: Optional[int] = None, end: Optional[int] = None,
     def read() -> bytes:
         if start is None and end is None:
             return fs.cat_file(path)
+        size = os.path.getsize(path) if end is not None and is_local(url) else None
+        if size is not None and end is not None and end > size:  # a local read allocates the whole range first
+            raise OSError(errno.EINVAL, f"range [{start}, {end}) runs past the end of the file ({size} bytes)")
         data = fs.cat_file(path, start=start, end=end)
         if start is not None and end is not None and len(data) != end - start:
             raise OSError(errno.EIO, f"short read: wanted {end - start} bytes, got {len(data)}")

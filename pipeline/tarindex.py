@@ -107,12 +107,16 @@ def index_problem(d: Any) -> Optional[str]:
         return "a key is not a non-empty string"
     if not all(_is_int(a) and _is_int(b) and a <= b for a, b in zip(d["starts"], d["ends"])):
         return "a sample's [start, end) is not a pair of ordered non-negative integers"
-    for key, m in zip(d["keys"], d["members"]):
+    if any(a < b for a, b in zip(d["starts"][1:], d["ends"])):
+        return "samples overlap or are out of order"
+    for key, m, start, end in zip(d["keys"], d["members"], d["starts"], d["ends"]):
         if not isinstance(m, dict) or not m:
             return f"members of {key!r} are not a non-empty object"
         for ext, v in m.items():
             if not (isinstance(v, list) and len(v) == 3 and all(_is_int(x) for x in v)):
                 return f"member {key}.{ext} is not [offset, size, crc] of non-negative integers"
+            if v[0] < start or v[0] + v[1] > end:
+                return f"member {key}.{ext} lies outside its sample's bytes [{start}, {end})"
     return None
 
 

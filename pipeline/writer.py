@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from selfsup.pipeline import ledger, manifest, storage
 from selfsup.pipeline.modalities import DecodeError, MODALITIES, make_modality
 from selfsup.pipeline.seeding import rng_for
-from selfsup.pipeline.sources.base import Item, disambiguated_key, item_name, with_label
+from selfsup.pipeline.sources.base import DEFAULT_MAX_ITEM_BYTES, Item, disambiguated_key, item_name, with_label
 from selfsup.pipeline.tarindex import ShardIndex, index_tar
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class ShardJob:
     strict: bool = False
     transform: Optional[Callable[[dict[str, bytes]], dict[str, bytes]]] = None
     scope: str = ""  # the ledger scope (`scope_digest`); "" writes no ledger
+    max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES  # larger source files are skipped unread
 
 
 @dataclass
@@ -141,7 +142,7 @@ def shard_sizes(items: Sequence[Item], samples_per_shard: Optional[int], target_
 
 def encode_item(job: ShardJob, item: Item, validator: Any) -> dict[str, bytes]:
     """Members of one item, checked by decoding them with the modality; raises on bad input."""
-    members = job.source.encode(item)
+    members = job.source.encode(item, job.max_item_bytes)
     if job.transform is not None:
         members = job.transform(members)
     if validator is not None:

@@ -21,10 +21,13 @@ def load_encoder(path: str, options: Optional[Mapping[str, Any]] = None,
     Returns:
         the backbone in eval mode, weights loaded with weights_only=True; its checkpoint's
         meta.json is attached as `encoder.selfsup_meta` (modality, normalization, step).
+    Raises:
+        ValueError naming meta.json and the field when its architecture is unknown or over the bounds of
+        `check_backbone` (checked before any weight is allocated or read).
     """
     ckpt = ck.resolve_checkpoint(path, options)
     meta = ck.read_meta(ckpt, options)
-    encoder = backbone_from_spec(meta)
+    encoder = backbone_from_spec(meta, where=storage.redact_url(storage.join(ckpt, ck.META)))  # checked, then built
     weights = ck.load_torch(storage.join(ckpt, ck.ENCODER), options, map_location="cpu")
     encoder.load_state_dict(weights)
     encoder.selfsup_meta = {**meta, "checkpoint": ckpt}  # type: ignore[assignment]

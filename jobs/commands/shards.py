@@ -12,8 +12,8 @@ from tqdm import tqdm
 
 from selfsup.pipeline import ledger, manifest, storage, writer
 from selfsup.pipeline.media import EXTENSIONS
-from selfsup.pipeline.sources import (SOURCES, Source, SourceOptions, apply_filters, detect_source, make_source,
-                                     KeyReport, item_name, unique_keys)
+from selfsup.pipeline.sources import (DEFAULT_MAX_ITEM_BYTES, SOURCES, Source, SourceOptions, apply_filters,
+                                     detect_source, make_source, KeyReport, item_name, unique_keys)
 from selfsup.pipeline.verify import verify_dataset
 from selfsup.jobs.common import add_storage_args, human_bytes, storage_options
 
@@ -60,6 +60,9 @@ def add_parser(sub: Any) -> None:
     w.add_argument("--no-shuffle", action="store_true", help="keep the source order inside shards")
     w.add_argument("--reencode", action="store_true",
                    help="video: re-encode to MP4 (H.264) with a short keyframe interval for fast clip access")
+    w.add_argument("--max-item-bytes", type=parse_size, default=DEFAULT_MAX_ITEM_BYTES,
+                   help="skip (or with --strict, stop at) source files larger than this, unread "
+                        "(default 256MiB; raise it for long videos)")
     w.add_argument("--strict", action="store_true", help="stop at the first unreadable source file")
     w.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes")
     w.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -111,6 +114,8 @@ def run_write(args: argparse.Namespace) -> int:
     """`selfsup shards write`."""
     opts = storage_options(args)
     writer.check_split(args.split)
+    if args.max_item_bytes < 1:
+        raise ValueError(f"--max-item-bytes must be at least 1 byte, got {args.max_item_bytes}")
     source, kind = open_source(args)
     storage.check_writable(args.dest, opts)
     items, label_names = source.items()
@@ -143,7 +148,7 @@ def run_write(args: argparse.Namespace) -> int:
         parts["pending"] = writer.job_digest({"names": sorted(item_name(it) for it in inc.pending)})
     jobs = writer.plan_jobs(source, inc.pending, label_names, args.dest, args.modality, args.split, per_shard,
                             parts, args.seed, not args.no_shuffle, options=opts, strict=args.strict,
-                            transform=transform, scope=scope)
+                            transform=transform, scope=scope, max_item_bytes=args.max_item_bytes)
     bar = tqdm(total=len(inc.pending), unit="sample", desc=f"shards write {args.split}", disable=args.quiet,
                file=sys.stderr)
     report = writer.run_jobs(jobs, args.workers, progress=bar.update, options=opts)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import cv2
@@ -54,6 +55,9 @@ OUTPUTS = ("logmel", "spec", "wave")
 VIEWS = ("rrc", "speech")
 SOUNDFILE_EXTS = ("wav", "flac")
 LOG_EPS = 1e-6
+MIN_RATE, MAX_RATE = 1_000, 384_000  # sample rates decoded, Hz: below telephone band to the top studio rate
+MAX_RATIO_TERM = 1000  # largest term of a resampling ratio (the kernel is new × (orig + 2 × width) of the terms)
+MAX_PCM_BYTES = 512 * 2**20  # float32 frames × channels one item may decode to
 FSDD_LOGMEL_STATS = (-6.3, 4.9)  # mean, std of log(mel + 1e-6) over unpadded FSDD frames, defaults
 
 
@@ -94,6 +98,18 @@ def wav_truncation(data: bytes) -> str | None:
     return "no data chunk"
 
 
+def check_pcm(frames: int, channels: int, rate: int, max_seconds: float) -> None:
+    """DecodeError unless `rate` lies in [MIN_RATE, MAX_RATE] and frames × channels fit the limits."""
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise DecodeError(f"audio sample rate {rate} Hz is outside {MIN_RATE}-{MAX_RATE} Hz: resample the file")
+    if frames / rate > max_seconds:
+        raise DecodeError(f"audio is {frames / rate:.1f} s, over max_seconds={max_seconds}: "
+                          "split it or raise the limit")
+    if frames * channels * 4 > MAX_PCM_BYTES:
+        raise DecodeError(f"audio decodes to {frames} frames × {channels} channels, over {MAX_PCM_BYTES >> 20} MiB "
+                          "of float32: split it or mix it down")
+
+
 def read_soundfile(data: bytes, max_seconds: float) -> tuple[np.ndarray, int]:
     """(float32 [n, C], rate) of a WAV/FLAC via libsndfile; DecodeError when bad or too long."""
     reason = wav_truncation(data)
@@ -101,10 +117,7 @@ def read_soundfile(data: bytes, max_seconds: float) -> tuple[np.ndarray, int]:
         raise DecodeError(f"truncated WAV: {reason}")
     try:
         info = soundfile.info(io.BytesIO(data))
-        if info.samplerate <= 0 or info.frames / info.samplerate > max_seconds:
-            raise DecodeError(
-                f"audio is {info.frames / max(info.samplerate, 1):.1f} s, over max_seconds={max_seconds}: "
-                "split it or raise the limit")
+        check_pcm(info.frames, info.channels, info.samplerate, max_seconds)
         x, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)  # [n, C]
     except soundfile.SoundFileError as e:
         raise DecodeError(f"libsndfile cannot read this audio: {e}") from None
@@ -123,17 +136,14 @@ def read_pyav(data: bytes, max_seconds: float) -> tuple[np.ndarray, int]:
                 raise DecodeError("container has no audio stream")
             stream = container.streams.audio[0]
             rate = int(stream.rate or stream.codec_context.sample_rate or 0)
-            if rate <= 0:
-                raise DecodeError("audio stream has no sample rate")
-            limit = int(max_seconds * rate)
+            check_pcm(0, 1, rate, max_seconds)
             to_float = av.AudioResampler(format="fltp")  # planar float, layout and rate kept
             chunks, n = [], 0
             for frame in container.decode(stream):
                 for f in to_float.resample(frame):
                     chunks.append(f.to_ndarray())  # [C, k]
                     n += chunks[-1].shape[1]
-                if n > limit:
-                    raise DecodeError(f"audio is over max_seconds={max_seconds}: split it or raise the limit")
+                check_pcm(n, len(chunks[-1]) if chunks else 1, rate, max_seconds)
     except DecodeError:
         raise
     except Exception as e:  # noqa: BLE001 - FFmpeg raises many types for junk
@@ -143,16 +153,34 @@ def read_pyav(data: bytes, max_seconds: float) -> tuple[np.ndarray, int]:
     return np.concatenate(chunks, axis=1).T.astype(np.float32, copy=False), rate  # [n, C]
 
 
+def rate_ratio(rate: int, sample_rate: int) -> tuple[int, int]:
+    """(orig, new) terms resampling `rate` to `sample_rate` with both terms at most MAX_RATIO_TERM.
+
+    torchaudio's kernel and its cost per sample grow with the terms of the reduced ratio (4001 → 16000
+    Hz is 4001 → 16000: 2.5 GB and 18 s for 1 s of audio). Ratios of common rates have small terms
+    (44.1 → 16 kHz is 441 → 160) and stay exact; any other is replaced by the nearest ratio with small
+    terms, which plays it at most 0.06% (1 cent) fast or slow (4001 → 16000 becomes 1 → 4).
+    """
+    exact = Fraction(sample_rate, rate)
+    if max(exact.numerator, exact.denominator) <= MAX_RATIO_TERM:
+        return exact.denominator, exact.numerator
+    if exact <= 1:
+        near = exact.limit_denominator(MAX_RATIO_TERM)
+        return near.denominator, max(near.numerator, 1)
+    near = (1 / exact).limit_denominator(MAX_RATIO_TERM)
+    return max(near.numerator, 1), near.denominator
+
+
 @functools.lru_cache(maxsize=16)
 def resampler(rate: int, sample_rate: int) -> "torchaudio.transforms.Resample":
-    """torchaudio's sinc resampler with its kernel computed once per rate pair."""
+    """torchaudio's sinc resampler with its kernel computed once per rate pair (see `rate_ratio`)."""
     import torchaudio
 
-    return torchaudio.transforms.Resample(rate, sample_rate)
+    return torchaudio.transforms.Resample(*rate_ratio(rate, sample_rate))
 
 
 def resample(wave: np.ndarray, rate: int, sample_rate: int) -> np.ndarray:
-    """float32 [n] at `rate` → float32 [ceil(n * sample_rate / rate)] (torchaudio's sinc resampler)."""
+    """float32 [n] at `rate` → float32 [about n * sample_rate / rate] (torchaudio's sinc resampler)."""
     import torch
 
     if rate == sample_rate:
@@ -298,9 +326,11 @@ class AudioModality:
             raise ValueError(f"audio warp_freq={warp_freq}, stretch_time={stretch_time}: each must lie in [0, 1)")
         if min(shift_frames, freq_masks, time_masks, mask_bins, mask_frames, tilt) < 0:
             raise ValueError("audio shift_frames, freq_masks, time_masks, mask_bins, mask_frames, tilt must be >= 0")
-        if sample_rate <= 0 or seconds <= 0 or hop_length <= 0 or n_mels <= 0:
-            raise ValueError(f"audio sample_rate, seconds, hop_length, n_mels must be positive, got "
-                             f"{sample_rate}, {seconds}, {hop_length}, {n_mels}")
+        if seconds <= 0 or hop_length <= 0 or n_mels <= 0:
+            raise ValueError(f"audio seconds, hop_length, n_mels must be positive, got "
+                             f"{seconds}, {hop_length}, {n_mels}")
+        if not MIN_RATE <= sample_rate <= MAX_RATE:
+            raise ValueError(f"audio sample_rate={sample_rate} must lie in {MIN_RATE}-{MAX_RATE} Hz")
         if norm_stats is not None and float(norm_stats[1]) <= 0:
             raise ValueError(f"audio norm_stats {norm_stats!r} must be (mean, std > 0) or None")
         self.sample_rate, self.output, self.hop = int(sample_rate), output, int(hop_length)

@@ -16,8 +16,8 @@ from __future__ import annotations
 from typing import Optional
 
 from selfsup.pipeline.sources import fashion_mnist, folder, fsdd, moving_fashion_mnist  # noqa: F401  (they register)
-from selfsup.pipeline.sources.base import (SOURCES, Item, KeyReport, Source, SourceOptions, apply_filters,
-                                           item_name, sanitize_key, unique_keys, with_label)
+from selfsup.pipeline.sources.base import (DEFAULT_MAX_ITEM_BYTES, SOURCES, Item, KeyReport, Source, SourceOptions,
+                                           apply_filters, item_name, sanitize_key, unique_keys, with_label)
 
 FALLBACK = "folder"  # any folder is one; chosen when no other source recognizes the path
 
@@ -41,5 +41,5 @@ def make_source(kind: str, root: str, options: SourceOptions) -> Source:
     return SOURCES.get(kind).from_options(root, options)
 
 
-__all__ = ["SOURCES", "Item", "KeyReport", "Source", "SourceOptions", "apply_filters", "detect_source",
-           "item_name", "make_source", "sanitize_key", "unique_keys", "with_label"]
+__all__ = ["DEFAULT_MAX_ITEM_BYTES", "SOURCES", "Item", "KeyReport", "Source", "SourceOptions", "apply_filters",
+           "detect_source", "item_name", "make_source", "sanitize_key", "unique_keys", "with_label"]

@@ -17,6 +17,8 @@ from typing import Any, Callable, ClassVar, Optional, Protocol, Sequence
 from selfsup.pipeline.registry import Registry
 from selfsup.pipeline.tarindex import encode_label, key_problem
 
+DEFAULT_MAX_ITEM_BYTES = 256 * 2**20  # the largest source file `shards write` reads (--max-item-bytes)
+
 
 @dataclass(frozen=True)
 class Item:
@@ -60,8 +62,11 @@ class Source(Protocol):
         """Every item in a stable order, and the label names (index = class id; empty if unlabeled)."""
         ...
 
-    def encode(self, item: Item) -> dict[str, bytes]:
-        """The tar members of one item, by extension (runs in a worker process)."""
+    def encode(self, item: Item, max_bytes: int = DEFAULT_MAX_ITEM_BYTES) -> dict[str, bytes]:
+        """The tar members of one item, by extension (runs in a worker process).
+
+        A file larger than `max_bytes` is refused before it is read (`read_file`).
+        """
         ...
 
 
@@ -76,6 +81,19 @@ def sanitize_key(name: str) -> str:
 def item_name(item: Item) -> str:
     """The name `--include`/`--exclude` match: the file path of a file item, else its key."""
     return str(item.ref) if isinstance(item.ref, str) else item.key
+
+
+def read_file(path: str, max_bytes: int) -> bytes:
+    """A source file's bytes; ValueError naming it, before reading, when it holds more than `max_bytes`."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size <= max_bytes:
+            data = f.read(max_bytes + 1)  # one byte more: a file that grew since the check is refused too
+            if len(data) <= max_bytes:
+                return data
+            size = len(data)
+    raise ValueError(f"{path} is {size} bytes or more, over the limit of {max_bytes} bytes per item "
+                     "(shards write --max-item-bytes): split it, or raise the limit")
 
 
 def file_fingerprint(path: str) -> tuple[int, str]:

@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import functools
 import gzip
+import math
 import os
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import numpy as np
 
-from selfsup.pipeline.sources.base import SOURCES, Item, SourceOptions, array_fingerprint
+from selfsup.pipeline.sources.base import DEFAULT_MAX_ITEM_BYTES, SOURCES, Item, SourceOptions, array_fingerprint
 
 FMNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                 "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+MAX_IDX_VALUES = 2**30  # values an IDX file may hold (Fashion-MNIST's largest holds 47 million)
 FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                   "Sneaker", "Bag", "Ankle boot")
 
@@ -27,18 +29,28 @@ def idx_path(root: str, stem: str) -> Optional[str]:
 
 @functools.lru_cache(maxsize=4)
 def read_idx(path: str) -> np.ndarray:
-    """An IDX array (uint8 images [N, 28, 28] or labels [N]); raises ValueError if malformed."""
+    """An IDX array (uint8 images [N, 28, 28] or labels [N]); raises ValueError if malformed or too large.
+
+    The size comes from the header and is checked before the body is read (a small .gz may inflate to any size).
+    """
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 8 or data[0] != 0 or data[1] != 0 or data[2] != 8:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: expected {int(np.prod(dims))} values, found {body.size} (truncated?)")
-    return body.reshape(dims)
+        head = f.read(4)
+        if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 8:
+            raise ValueError(f"{path} is not an unsigned-byte IDX file")
+        raw = f.read(4 * head[3])
+        dims = [int.from_bytes(raw[4 * i: 4 * i + 4], "big") for i in range(len(raw) // 4)]
+        count = math.prod(dims)
+        if len(dims) != head[3]:
+            raise ValueError(f"{path}: IDX header cut short (truncated?)")
+        if count > MAX_IDX_VALUES:
+            raise ValueError(f"{path}: IDX header gives dimensions {dims} = {count} values, over the limit of "
+                             f"{MAX_IDX_VALUES}; is it an IDX file?")
+        body = f.read(count + 1)  # one byte more: tells a longer file from an exact one
+    if len(body) != count:
+        raise ValueError(f"{path}: expected {count} values, found {'more' if len(body) > count else len(body)} "
+                         "(truncated, or not an IDX file?)")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
 def fmnist_arrays(root: str, subset: str) -> tuple[np.ndarray, np.ndarray]:
@@ -89,7 +101,7 @@ class FashionMNISTSource:
                      array_fingerprint(images[i], int(labels[i]) if keep else None))
                 for i in range(len(labels))], list(FMNIST_CLASSES) if keep else []
 
-    def encode(self, item: Item) -> dict[str, bytes]:
+    def encode(self, item: Item, max_bytes: int = DEFAULT_MAX_ITEM_BYTES) -> dict[str, bytes]:
         """The image as PNG."""
         import cv2
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 from selfsup.pipeline.media import extensions_of, modality_of_ext
-from selfsup.pipeline.sources.base import SOURCES, Item, SourceOptions, file_fingerprint, sanitize_key
+from selfsup.pipeline.sources.base import (DEFAULT_MAX_ITEM_BYTES, SOURCES, Item, SourceOptions, file_fingerprint,
+                                           read_file, sanitize_key)
 
 NORMALIZED_EXT = {"jpeg": "jpg"}  # member extension written for a file extension
 
@@ -82,9 +83,8 @@ class FolderSource:
             raise ValueError(f"label pattern {self.labels!r} does not match {rel}")
         return m.group(1) if m.groups() else m.group(0)
 
-    def encode(self, item: Item) -> dict[str, bytes]:
+    def encode(self, item: Item, max_bytes: int = DEFAULT_MAX_ITEM_BYTES) -> dict[str, bytes]:
         """The file's bytes under its (normalized) extension."""
         ext = item.ref.rsplit(".", 1)[-1].lower()
         ext = NORMALIZED_EXT.get(ext, ext)
-        with open(os.path.join(self.root, item.ref), "rb") as f:
-            return {ext: f.read()}
+        return {ext: read_file(os.path.join(self.root, item.ref), max_bytes)}

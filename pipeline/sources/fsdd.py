@@ -6,7 +6,8 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
-from selfsup.pipeline.sources.base import SOURCES, Item, SourceOptions, file_fingerprint
+from selfsup.pipeline.sources.base import (DEFAULT_MAX_ITEM_BYTES, SOURCES, Item, SourceOptions, file_fingerprint,
+                                           read_file)
 
 FSDD_NAME = re.compile(r"^(\d)_([A-Za-z]+)_(\d+)\.wav$")
 
@@ -48,7 +49,6 @@ class FSDDSource:
                             {"speaker": speaker, "index": index, "digit": digit}, size, fingerprint))
         return out, [str(d) for d in range(10)] if keep else []
 
-    def encode(self, item: Item) -> dict[str, bytes]:
+    def encode(self, item: Item, max_bytes: int = DEFAULT_MAX_ITEM_BYTES) -> dict[str, bytes]:
         """The WAV bytes as they are."""
-        with open(os.path.join(self.root, item.ref), "rb") as f:
-            return {"wav": f.read()}
+        return {"wav": read_file(os.path.join(self.root, item.ref), max_bytes)}

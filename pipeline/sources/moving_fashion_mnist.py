@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Optional
 import numpy as np
 
 from selfsup.pipeline.seeding import rng_for
-from selfsup.pipeline.sources.base import SOURCES, Item, SourceOptions, array_fingerprint
+from selfsup.pipeline.sources.base import DEFAULT_MAX_ITEM_BYTES, SOURCES, Item, SourceOptions, array_fingerprint
 from selfsup.pipeline.sources.fashion_mnist import FMNIST_CLASSES, fmnist_arrays, has_fmnist_images
 
 DIRECTIONS = ("E", "NE", "N", "NW", "W", "SW", "S", "SE")
@@ -114,7 +114,7 @@ class MovingFashionMNISTSource:
         """The sample key of image `index`."""
         return f"mfmnist-{self.subset}-{index:05d}"
 
-    def encode(self, item: Item) -> dict[str, bytes]:
+    def encode(self, item: Item, max_bytes: int = DEFAULT_MAX_ITEM_BYTES) -> dict[str, bytes]:
         """The clip as a near-lossless MP4, gray replicated to 3 channels."""
         from selfsup.pipeline.modalities.video import encode_clip_mp4
 

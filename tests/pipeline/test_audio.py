@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import io
 import os
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ import soundfile
 
 from selfsup.pipeline.masking import conv_frames
 from selfsup.pipeline.modalities import MODALITIES, DecodeError, make_modality
-from selfsup.pipeline.modalities.audio import OUTPUTS, AudioModality, augment_wave, random_resize_crop, speech_view
+from selfsup.pipeline.modalities.audio import (OUTPUTS, AudioModality, augment_wave, random_resize_crop, resampler,
+                                               speech_view)
 
 FSDD = "/work/shared/datasets/fsdd/recordings"
 WAV2VEC2_CONV = [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2
@@ -214,3 +216,50 @@ def test_gain_and_noise_leave_padding_silent() -> None:
     assert 0.5 <= ratio[1] <= 2.0 and np.allclose(ratio[1:], ratio[1], rtol=1e-5)
     noisy = augment_wave(wave, 600, rng(0), 0.0, 0.1)
     assert not noisy[600:].any() and 0.03 < np.std(noisy[:600] - wave[:600]) < 0.15
+
+
+# ---------------------------------------------------------------- resource bounds
+
+
+def wav_at(rate: int, seconds: float = 1.0, hz: float = 440.0) -> bytes:
+    """A real 16-bit WAV of a sine at `hz`, sampled at `rate`."""
+    t = np.arange(int(rate * seconds)) / rate
+    buf = io.BytesIO()
+    soundfile.write(buf, (0.5 * np.sin(2 * np.pi * hz * t)).astype(np.float32), rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def test_an_odd_sample_rate_resamples_with_a_small_kernel_and_keeps_the_pitch() -> None:
+    """4001 → 16000 Hz has no common factor: an exact polyphase kernel is [16000, 1, 4015] (2.5 GB to build)."""
+    wave = AudioModality().decode({"wav": wav_at(4001)})  # an 8 KB file
+    assert resampler(4001, 16000).kernel.numel() < 100_000
+    assert abs(len(wave) - 16000) <= 8
+    spectrum = np.abs(np.fft.rfft(wave[2000:14000]))  # 12000 samples at 16 kHz: 4/3 Hz bins
+    assert abs(np.argmax(spectrum) * 16000 / 12000 - 440.0) < 2.0
+
+
+def test_sample_rates_outside_1_to_384_khz_are_refused_naming_the_rate() -> None:
+    m = AudioModality()
+    for rate in (500, 500_000):
+        with pytest.raises(DecodeError, match=f"sample rate {rate} Hz is outside 1000-384000 Hz"):
+            m.decode({"wav": wav_at(rate, seconds=0.01)})
+    with pytest.raises(ValueError, match="sample_rate=500 must lie in 1000-384000 Hz"):
+        AudioModality(sample_rate=500)
+
+
+def test_a_header_promising_too_much_pcm_is_refused_before_allocating_it() -> None:
+    """A 200-byte FLAC whose STREAMINFO promises 59 s of 8 channels at 384 kHz (690 MiB of float32)."""
+    buf = io.BytesIO()
+    soundfile.write(buf, np.zeros((64, 8), np.float32), 384_000, format="FLAC", subtype="PCM_16")
+    data = bytearray(buf.getvalue())
+    fields = int.from_bytes(data[18:26], "big")  # STREAMINFO: rate 20 bits, channels 3, bits 5, frames 36
+    data[18:26] = ((fields >> 36 << 36) | 59 * 384_000).to_bytes(8, "big")
+    assert soundfile.info(io.BytesIO(bytes(data))).frames == 59 * 384_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(DecodeError, match="22656000 frames × 8 channels, over 512 MiB"):
+            AudioModality().decode({"flac": bytes(data)})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20

@@ -1,6 +1,7 @@
 """Audio and video through the feed: promised shapes, exact mask counts, exactly once, resume, quarantine, eval."""
 from __future__ import annotations
 
+import io
 import json
 from typing import Any, Sequence
 
@@ -167,6 +168,29 @@ def test_truncated_and_empty_wavs_are_quarantined_without_changing_steps(tmp_pat
     batches, steps = run_epoch(spec, qurl)
     assert steps == 3
     bad = {samples[5][0]: "truncated WAV", samples[18][0]: "empty (0 bytes)"}
+    check_quarantine(spec, batches, steps, bad, qurl, ("wave", "length", "mask"))
+
+
+def test_a_sample_its_index_calls_huge_and_an_odd_sample_rate_are_quarantined(tmp_path: Any) -> None:
+    """The index gives the last sample 10 TB: it is quarantined on that size, unread; a 500 Hz WAV fails decode."""
+    wavs = sorted(FSDD.glob("*_lucas_*.wav"))[:16]
+    samples = [(p.stem, {"wav": p.read_bytes()}) for p in wavs]
+    low = io.BytesIO()
+    soundfile.write(low, np.zeros(500, np.int16), 500, format="WAV", subtype="PCM_16")
+    samples[6] = (samples[6][0], {"wav": low.getvalue()})
+    dest = tmp_path / "bad"
+    add_shard(str(dest), "pretrain-bad-000000", samples, "audio")
+    index = json.loads((dest / "pretrain-bad-000000.idx").read_text())
+    offset, _, crc = index["members"][-1]["wav"]
+    index["ends"][-1] = 10**13
+    index["members"][-1]["wav"] = [offset, 10**13 - offset, crc]
+    (dest / "pretrain-bad-000000.idx").write_text(json.dumps(index))
+    spec = FeedSpec(build_snapshot([SourceSpec(url=str(dest))]), 8, modality_args=AUDIO, seed=0, mask=SPAN)
+    qurl = str(tmp_path / "run" / "quarantine.jsonl")
+    batches, steps = run_epoch(spec, qurl)
+    bad = {samples[6][0]: "sample rate 500 Hz is outside 1000-384000 Hz",
+           samples[-1][0]: f"SampleTooLarge: sample is {10**13 - index['starts'][-1]} bytes in its shard index, "
+                           f"over the limit of {64_000_000 + 2**20} for audio: not read"}
     check_quarantine(spec, batches, steps, bad, qurl, ("wave", "length", "mask"))
 
 

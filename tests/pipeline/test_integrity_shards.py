@@ -3,7 +3,9 @@ unsafe split names, and writers whose clocks disagree (issue 17, items 2, 4, 5, 
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
+import tarfile
 import shutil
 import threading
 
@@ -13,7 +15,7 @@ import pytest
 from selfsup.pipeline import manifest, storage, writer
 from selfsup.pipeline.sources import Item, unique_keys
 from selfsup.pipeline.sources.folder import FolderSource
-from selfsup.pipeline.tarindex import load_index, scan_shard
+from selfsup.pipeline.tarindex import ShardIndex, index_tar, load_index, scan_shard
 from tests.conftest import PHOTOS, run_cli
 
 
@@ -134,6 +136,27 @@ def test_verify_names_every_malformed_index_and_checks_the_rest(three_shards):
     assert set(problems) == {rows[0]["path"], rows[1]["path"]}
     assert "'n_samples' is missing" in problems[rows[0]["path"]]
     assert "offset, size, crc" in problems[rows[1]["path"]]
+
+
+def test_an_index_whose_sizes_do_not_fit_its_samples_is_refused():
+    """Members outside their sample's bytes, or samples overlapping, would steer reads anywhere in the shard."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key in ("a", "b"):
+            info = tarfile.TarInfo(f"{key}.wav")
+            info.size = 600
+            tar.addfile(info, io.BytesIO(bytes(600)))
+    good = json.loads(index_tar(io.BytesIO(buf.getvalue()), "s.tar").to_json())
+    assert len(ShardIndex.from_json(json.dumps(good))) == 2
+    huge = json.loads(json.dumps(good))
+    huge["members"][1]["wav"][1] = 10**13  # its sample still ends after 1.5 KB
+    with pytest.raises(ValueError, match=r"s.idx is not .*: member b.wav lies outside its sample's bytes "
+                                         r"\[1536, 3072\)"):
+        ShardIndex.from_json(json.dumps(huge), "s.idx")
+    overlap = json.loads(json.dumps(good))
+    overlap["ends"][0] = 2048
+    with pytest.raises(ValueError, match="samples overlap or are out of order"):
+        ShardIndex.from_json(json.dumps(overlap), "s.idx")
 
 
 def test_an_empty_manifest_part_is_named_and_the_rest_listed(three_shards):

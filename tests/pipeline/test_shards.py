@@ -9,9 +9,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+import soundfile
 
-from selfsup.pipeline import manifest, storage
+from selfsup.pipeline import manifest, storage, writer
+from selfsup.pipeline.sources.folder import FolderSource
 from selfsup.pipeline.tarindex import decode_label, load_index, read_samples, scan_shard
 from tests.conftest import FMNIST, FSDD, PHOTOS, ROOT, VIDEO, run_cli
 
@@ -94,6 +97,27 @@ def test_corrupt_inputs_are_skipped_and_listed_or_fatal_with_strict(photo_folder
     strict = run_cli("shards", "write", str(root), str(tmp_path / "ds2"), "--modality", "image", "--strict", "--quiet")
     assert strict.returncode != 0
     assert manifest.read_manifest(str(tmp_path / "ds2")) == []
+
+
+def test_a_huge_file_and_an_odd_sample_rate_are_skipped_by_name_without_reading(tmp_path):
+    """A 300 MiB (sparse) file is over the default --max-item-bytes; a 500 Hz WAV is outside 1-384 kHz."""
+    root = tmp_path / "speech"
+    root.mkdir()
+    for f in sorted(FSDD.glob("*.wav"))[:3]:
+        shutil.copy(f, root / f.name)
+    soundfile.write(root / "low_rate.wav", np.zeros(500, np.int16), 500, subtype="PCM_16")
+    with open(root / "huge.wav", "wb") as f:
+        f.truncate(300 * 2**20)
+    source = FolderSource(str(root), "audio")
+    items, _ = source.items()
+    dest = str(tmp_path / "ds")
+    jobs = writer.plan_jobs(source, items, [], dest, "audio", "pretrain", 100, {}, 0, False)
+    report = writer.run_jobs(jobs, workers=1)
+    skipped = dict(report.skipped)
+    assert report.samples == 3 and sorted(skipped) == ["huge.wav", "low_rate.wav"]
+    assert "over the limit of 268435456 bytes per item (shards write --max-item-bytes)" in skipped["huge.wav"]
+    assert "sample rate 500 Hz is outside 1000-384000 Hz" in skipped["low_rate.wav"]
+    assert sum(r["n_samples"] for r in manifest.read_manifest(dest)) == 3
 
 
 def test_verify_names_a_flipped_byte(photo_folder, tmp_path):
@@ -198,6 +222,8 @@ def test_video_clips_and_retiring_a_shard(tmp_path):
     ("wrong modality", [str(FSDD), "{tmp}/d", "--modality", "image"], "use --modality audio"),
     ("fmnist as audio", [str(FMNIST), "{tmp}/d", "--modality", "audio"], "use --modality image"),
     ("unwritable dest", [str(FSDD), "/proc/selfsup-no", "--modality", "audio"], "not writable"),
+    ("no item size", [str(FSDD), "{tmp}/d", "--modality", "audio", "--max-item-bytes", "0"],
+     "--max-item-bytes must be at least 1 byte"),
 ])
 def test_bad_invocations_give_one_clear_line(case, args, message, tmp_path):
     res = run_cli("shards", "write", *[a.format(tmp=tmp_path) for a in args], "--quiet")

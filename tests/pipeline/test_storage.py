@@ -93,3 +93,12 @@ def test_unwritable_destination_is_named(tmp_path):
             storage.check_writable(str(ro))
     finally:
         ro.chmod(0o700)
+
+
+def test_a_local_range_past_the_end_is_refused_before_it_is_allocated(tmp_path):
+    """A shard index may claim any range; a local read allocates the range before reading it."""
+    path = tmp_path / "small.bin"
+    path.write_bytes(b"0123456789")
+    with pytest.raises(OSError, match=r"range \[2, 10000000000000\) runs past the end of the file \(10 bytes\)"):
+        storage.read_bytes(str(path), 2, 10**13)
+    assert storage.read_bytes(str(path), 2, 5) == b"234"

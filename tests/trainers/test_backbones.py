@@ -20,6 +20,20 @@ def test_registry_holds_every_backbone_and_unknown_names_list_them() -> None:
         make_backbone("vit_huge")
 
 
+def test_an_architecture_over_the_bounds_is_refused_before_it_is_allocated() -> None:
+    """A config's backbone_args go through the same check as a checkpoint's; the check draws no random numbers."""
+    with pytest.raises(ValueError, match=r"^backbone 'convnet_small' with backbone_args \{'width': 32768\} would "
+                                         r"hold 405,876,670,468 parameters and buffers"):
+        make_backbone("convnet_small", width=32768)
+    with pytest.raises(ValueError, match=r"backbone_args.tubelet\[0\]=100000: .* at most 65536"):
+        make_backbone("vit_micro", modality="video", tubelet=[100_000, 16, 16])
+    torch.manual_seed(0)
+    checked = make_backbone("vit_micro", img_size=32, patch_size=8)
+    torch.manual_seed(0)
+    direct = BACKBONES.get("vit_micro")(img_size=32, patch_size=8)
+    assert all(torch.equal(a, b) for a, b in zip(checked.state_dict().values(), direct.state_dict().values()))
+
+
 def test_cnn_and_resnet_shapes() -> None:
     torch.manual_seed(0)
     x1 = torch.randn(2, 1, 28, 28)

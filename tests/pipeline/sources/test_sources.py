@@ -1,11 +1,15 @@
 """The source registry: every source keeps the interface, detection picks by modality, settings reach sources."""
 from __future__ import annotations
 
+import gzip
+import shutil
+import tracemalloc
+
 import pytest
 
 from selfsup.pipeline.media import modality_of_ext
 from selfsup.pipeline.sources import SOURCES, SourceOptions, detect_source, make_source
-from selfsup.pipeline.sources.fashion_mnist import FashionMNISTSource
+from selfsup.pipeline.sources.fashion_mnist import FashionMNISTSource, read_idx
 from selfsup.pipeline.sources.folder import FolderSource
 from selfsup.pipeline.sources.fsdd import FSDDSource
 from selfsup.pipeline.sources.moving_fashion_mnist import MovingFashionMNISTSource
@@ -63,3 +67,48 @@ def test_each_source_reads_only_its_settings():
 def test_a_folder_without_the_modality_suggests_the_one_it_holds():
     with pytest.raises(ValueError, match=r"no audio files .*found \d+ \.jpg files: did you mean --modality image"):
         FolderSource(str(PHOTOS), "audio").items()
+
+
+def traced_peak(fn):
+    """(result or exception, peak bytes Python and numpy allocated) of calling fn()."""
+    tracemalloc.start()
+    try:
+        try:
+            out = fn()
+        except Exception as e:  # noqa: BLE001 - returned for the test to inspect
+            out = e
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("kind", ["folder", "fsdd"])
+def test_a_file_over_the_item_limit_is_refused_by_name_before_it_is_read(kind, tmp_path):
+    """A 300 MiB (sparse) file: the error names it and the limit, and nothing near its size is allocated."""
+    if kind == "fsdd":
+        for f in sorted(FSDD.glob("*.wav"))[:2]:
+            shutil.copy(f, tmp_path / f.name)
+    big = tmp_path / ("7_huge_0.wav" if kind == "fsdd" else "huge.jpg")
+    with open(big, "wb") as f:
+        f.truncate(300 * 2**20)
+    modality = "audio" if kind == "fsdd" else "image"
+    source = make_source(kind, str(tmp_path), SourceOptions(modality, labels="none"))
+    item = next(it for it in source.items()[0] if it.ref == big.name)
+    err, peak = traced_peak(lambda: source.encode(item))
+    assert isinstance(err, ValueError), err
+    assert str(big) in str(err) and "over the limit of 268435456 bytes per item" in str(err)
+    assert peak < 2**20
+    with pytest.raises(ValueError, match="over the limit of 1000 bytes"):
+        source.encode(item, 1000)
+
+
+def test_an_idx_header_claiming_more_than_the_limit_is_refused_before_inflating(tmp_path):
+    """A 64 KB .gz that inflates to 64 MiB under a header claiming 2**30 + 2**20 values."""
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    header = bytes([0, 0, 8, 3]) + (1025).to_bytes(4, "big") + (1024).to_bytes(4, "big") + (1024).to_bytes(4, "big")
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(header + bytes(64 * 2**20))
+    err, peak = traced_peak(lambda: read_idx(str(path)))
+    assert isinstance(err, ValueError), err
+    assert str(path) in str(err) and "[1025, 1024, 1024] = 1074790400 values, over the limit" in str(err)
+    assert peak < 8 * 2**20
