@@ -202,7 +202,7 @@ def prepare_run(cfg: PretrainConfig, resume: bool, allow_plan_change: bool = Fal
         print(f"selfsup pretrain: no complete checkpoint in {storage.redact_url(cfg.run)}; starting from step 0",
               file=sys.stderr)
     changes = ck.plan_changes(ck.read_meta(latest, opts), to_dict(cfg)) if resume and latest else []
-    if changes and not allow_plan_change:
+    if changes and not allow_plan_change and latest:
         raise ValueError(f"run folder {storage.redact_url(cfg.run)} was trained to {latest.rsplit('/', 1)[-1]} "
                          f"under other data settings ({'; '.join(changes)}): resuming would skip or repeat "
                          "samples. Resume with the run's settings (its config.yaml), or pass "

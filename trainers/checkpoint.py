@@ -65,9 +65,10 @@ def plan_changes(meta: Mapping[str, Any], config: Mapping[str, Any]) -> list[str
 
 
 def _dotted(data: Mapping[str, Any], name: str) -> Any:
+    value: Any = data
     for part in name.split("."):
-        data = data.get(part) if isinstance(data, Mapping) else None
-    return data
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
 
 
 def _short(value: Any) -> str:
