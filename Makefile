@@ -7,7 +7,7 @@ SELFSUP := $(VENV)/bin/selfsup
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup data demo test test-quick quality test-slow typecheck ci clean
+.PHONY: setup data demo test test-quick test-cluster test-cluster-ci quality test-slow typecheck ci clean
 
 $(STAMP): constraints.txt pyproject.toml
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,15 @@ test: $(STAMP)
 test-quick: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m quick -p no:cacheprovider $(PYTEST_ARGS)
 
+# A real multi-node Ray cluster on this machine (tests/cluster: a head, two stream nodes, two
+# trainer nodes, each its own raylet; nodes removed mid-epoch and mid-run). Its own process: a
+# driver connects to one cluster. CI runs the fastest of them (test-cluster-ci).
+test-cluster: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m cluster -p no:cacheprovider tests/cluster $(PYTEST_ARGS)
+
+test-cluster-ci: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m cluster -p no:cacheprovider tests/cluster -k stream_node_removed $(PYTEST_ARGS)
+
 # The full 20-minute representation-quality bars of docs/quality.md. Run them, and record their
 # figures, before landing any change to objectives, recipes, augmentations, backbones or the
 # sample path of the pipeline (CONTRIBUTING.md).
@@ -41,8 +50,8 @@ test-slow: quality
 typecheck: $(STAMP)
 	@bash tests/typecheck.sh
 
-# What CI runs (.ci/run): the default suite, the quick bars, the type check.
-ci: test test-quick typecheck
+# What CI runs (.ci/run): the default suite, one multi-node fault test, the quick bars, the type check.
+ci: test test-cluster-ci test-quick typecheck
 
 clean:
 	rm -rf runs .pytest_cache

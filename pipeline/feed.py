@@ -44,6 +44,13 @@ class WorkerDied(RuntimeError):
     """The process making a request died (Ray actor lost, local pool broken)."""
 
 
+class ResultLost(RuntimeError):
+    """A made batch was lost before it was read (its node's object store went with the node)."""
+
+
+MAX_LOST = 5  # times one request's result may be lost (node after node) before the feed gives up
+
+
 @dataclass
 class _Request:
     epoch: int
@@ -52,6 +59,7 @@ class _Request:
     slot: int
     handle: Any = None
     deaths: int = 0  # workers that died while this request was theirs
+    lost: int = 0  # times its made batch was lost with a node
 
 
 class BatchFeed:
@@ -172,6 +180,14 @@ class BatchFeed:
         while req.deaths < self.max_deaths:
             try:
                 return self._get(req.handle)
+            except ResultLost as e:  # not the batch's fault: make it again (on a new stream if this one died)
+                req.lost += 1
+                if req.lost > MAX_LOST:
+                    raise RuntimeError(f"micro-batch {req.index} of epoch {req.epoch} was made and lost "
+                                       f"{req.lost} times ({e}): nodes keep failing") from None
+                log.warning("micro-batch %d of epoch %d was lost with its node (%s); making it again",
+                            req.index, req.epoch, e)
+                req.handle = self._submit(req)
             except WorkerDied as e:
                 self.restarts += 1
                 if self.backend == "ray":  # an actor makes its requests in order: the oldest one killed it
@@ -192,10 +208,14 @@ class BatchFeed:
         if self.backend == "ray":
             import ray
 
+            from ray.exceptions import ObjectLostError
+
             try:
                 return ray.get(handle)
             except _ray_deaths() as e:
                 raise WorkerDied(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+            except ObjectLostError as e:
+                raise ResultLost(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
         try:
             return handle.result()
         except BrokenProcessPool as e:

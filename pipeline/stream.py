@@ -39,11 +39,16 @@ class ShardStream:
         """The actor's process id (tests kill it to check recovery)."""
         return os.getpid()
 
+    def node_id(self) -> str:
+        """The Ray node the actor runs on."""
+        return ray.get_runtime_context().get_node_id()
+
 
 def start_stream(spec: FeedSpec, num_cpus: float = 1.0, resources: Optional[Mapping[str, float]] = None,
                  name: Optional[str] = None) -> Any:
-    """Start one ShardStream actor asking for `num_cpus` and custom `resources`."""
-    opts: dict[str, Any] = {"num_cpus": num_cpus}
+    """Start one ShardStream actor asking for `num_cpus` and custom `resources`, spread over the
+    nodes that offer them (losing a node then costs a share of the streams, not all of them)."""
+    opts: dict[str, Any] = {"num_cpus": num_cpus, "scheduling_strategy": "SPREAD"}
     if resources:
         opts["resources"] = dict(resources)
     if name:

@@ -1,0 +1,84 @@
+"""A real multi-node Ray cluster on one machine: a head with no work resources, two stream nodes
+(`stream: 4`, 1 CPU) and two trainer nodes (`trainer: 1`, 1 CPU), each its own raylet with its own
+object store (`ray.cluster_utils.Cluster`), on 127.0.0.1 with its temp dir in pytest's tmp.
+
+These tests need a process of their own (a driver connects to one cluster): `make test-cluster`
+runs them all, `.ci/run` the fastest; the default suite deselects the `cluster` marker.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import pytest
+
+from tests.conftest import TRAIN_POLL
+
+NODE = {"node_ip_address": "127.0.0.1", "object_store_memory": 100 * 2**20, "include_dashboard": False}
+
+
+@dataclass
+class MultiNode:
+    """The cluster, its address and its nodes by role."""
+
+    cluster: Any
+    temp_dir: str
+    stream: list[Any] = field(default_factory=list)
+    trainer: list[Any] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    def add(self, role: str) -> Any:
+        """Start one more node of `role` ('stream' or 'trainer') and wait for it."""
+        resources = {"stream": 4.0} if role == "stream" else {"trainer": 1.0}
+        node = self.cluster.add_node(num_cpus=1, resources=resources, temp_dir=self.temp_dir, **NODE)
+        self.cluster.wait_for_nodes()
+        getattr(self, role).append(node)
+        return node
+
+    def remove(self, node: Any) -> None:
+        """Kill every process of `node` at once (no graceful drain)."""
+        self.cluster.remove_node(node, allow_graceful=False)
+        for role in (self.stream, self.trainer):
+            if node in role:
+                role.remove(node)
+
+    def node_of(self, node_id: str) -> Any:
+        return next(n for n in [*self.stream, *self.trainer] if n.node_id == node_id)
+
+    def role_of(self, node_id: str) -> str:
+        for role in ("stream", "trainer"):
+            if any(n.node_id == node_id for n in getattr(self, role)):
+                return role
+        return "head" if self.cluster.head_node.node_id == node_id else "unknown"
+
+
+@pytest.fixture(scope="module")
+def multinode(moto_s3: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MultiNode]:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        pytest.fail("the cluster tests need a process of their own: run `make test-cluster` "
+                    "(or `pytest -m cluster tests/cluster`)")
+    tmp = str(tmp_path_factory.mktemp("mn"))
+    saved = {k: os.environ.get(k) for k in TRAIN_POLL}
+    os.environ.update(TRAIN_POLL)  # the raylets, and so Ray Train's controller, inherit it (and moto's settings)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": tmp, **NODE})
+    mn = MultiNode(cluster, tmp)
+    try:
+        for role in ("stream", "stream", "trainer", "trainer"):
+            mn.add(role)
+        cluster.connect()
+        yield mn
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

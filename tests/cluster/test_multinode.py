@@ -1,0 +1,145 @@
+"""selfsup on a real multi-node Ray cluster (tests/cluster/conftest.py): streams on stream nodes,
+trainers on trainer nodes, and nodes lost mid-epoch and mid-run, each with the exact delivered
+sample set or the per-step losses asserted against an undisturbed run."""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+from selfsup.jobs.cli import main
+from selfsup.pipeline.batch import FeedSpec
+from selfsup.pipeline.feed import BatchFeed
+from selfsup.pipeline.snapshot import SourceSpec, build_snapshot
+from selfsup.trainers import checkpoint as ck
+from selfsup.trainers import run_folder as rf
+from tests.chaos.test_bad_samples import images
+from tests.conftest import ROOT, add_shard, shard_keys
+from tests.pipeline.test_feed import ARGS
+
+pytestmark = pytest.mark.cluster
+CONFIG = str(ROOT / "jobs" / "configs" / "simclr_image.yaml")
+
+
+@pytest.fixture(scope="module")
+def on_s3(moto_s3: Any) -> dict[str, Any]:
+    """256 Fashion-MNIST JPEGs in four shards on moto S3, and a clean inline epoch of them."""
+    dest = moto_s3.bucket("multinode") + "/ds"
+    samples = images(256, set())
+    for n in range(4):
+        add_shard(dest, f"pretrain-{n:06d}", samples[64 * n: 64 * (n + 1)], "image")
+    snap = build_snapshot([SourceSpec(url=dest, split="pretrain")])
+    spec = FeedSpec(snap, 8, modality_args=ARGS, seed=5)
+    with BatchFeed(spec, backend="inline") as feed:
+        clean = [feed.next() for _ in range(feed.steps_per_epoch())]
+    return {"url": dest, "snapshot": snap, "keys": shard_keys(snap), "clean": clean, "spec": spec}
+
+
+def actors_by_class(names: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Rows of the GCS actor table (alive or dead) of the given classes."""
+    import ray
+
+    return [a for a in ray._private.state.actors().values() if a["ActorClassName"] in names]  # noqa: SLF001
+
+
+def overrides(run: str, data: str, **extra: object) -> list[str]:
+    base = {"run": run, "data.sources": f"[{{url: {data}}}]", "train.warmup_steps": 2, "train.log_every": 1,
+            "data.batch_size": 16, "data.modality_args": "{size: 28, channels: 1}", "data.streams": 1,
+            "data.stream_cpus": 0.25, "data.stream_resources": "{stream: 1}", "scaling.cpus_per_worker": 0.25,
+            "scaling.resources_per_worker": "{trainer: 1}", "objective.backbone_args.width": 8}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def test_streams_run_on_stream_nodes_and_trainers_on_trainer_nodes(multinode, on_s3, moto_s3, capsys):
+    run = moto_s3.bucket("runs") + "/placement"
+    args = overrides(run, on_s3["url"], **{"train.steps": 4, "train.ckpt_every": 4, "scaling.num_workers": 2,
+                                           "data.streams": 2})
+    assert main(["pretrain", CONFIG, *args, "--address", multinode.address, "--quiet"]) == 0
+    rows = actors_by_class(("ShardStream", "RayTrainWorker"))
+    placed = sorted((a["ActorClassName"], multinode.role_of(a["Address"]["NodeID"]), a["Address"]["NodeID"][:8])
+                    for a in rows)
+    with capsys.disabled():
+        print("\nplacement (actor class, node role, node id):")
+        for row in placed:
+            print("  ", *row)
+    streams = [p for p in placed if p[0] == "ShardStream"]
+    workers = [p for p in placed if p[0] == "RayTrainWorker"]
+    assert len(streams) == 4 and {p[1] for p in streams} == {"stream"}  # 2 ranks × 2 streams
+    assert len({p[2] for p in streams}) == 2  # spread over both stream nodes
+    assert len(workers) == 2 and {p[1] for p in workers} == {"trainer"}
+    assert len({p[2] for p in workers}) == 2  # one per trainer node (trainer: 1 each)
+    assert ck.read_meta(ck.latest_checkpoint(run))["step"] == 4
+
+
+def test_a_stream_node_removed_mid_epoch_loses_and_repeats_nothing(multinode, on_s3):
+    import ray
+
+    spec, got = on_s3["spec"], []
+    with BatchFeed(spec, streams=4, prefetch=2, backend="ray", stream_cpus=0.25,
+                   stream_resources={"stream": 1}) as feed:
+        steps = feed.steps_per_epoch()
+        nodes = ray.get([h.node_id.remote() for h in feed.stream_handles()])
+        assert len(set(nodes)) == 2 and {multinode.role_of(n) for n in nodes} == {"stream"}
+        for k in range(steps):
+            got.append(feed.next())
+            if k == 8:
+                multinode.remove(multinode.node_of(nodes[0]))  # the processes are killed, not drained
+        after = ray.get([h.node_id.remote() for h in feed.stream_handles()])
+        assert feed.restarts >= 1 and set(after) == {multinode.stream[0].node_id}  # the survivor
+    delivered = [(s, int(p)) for b in got for s, p, v in zip(b["shard"], b["position"], b["valid"]) if v]
+    assert sorted(delivered) == sorted(on_s3["keys"])  # every planned sample once
+    for b, want in zip(got, on_s3["clean"]):
+        for name in ("view1", "view2", "key", "position"):
+            np.testing.assert_array_equal(b[name], want[name])
+
+    back = multinode.add("stream")  # the node comes back: new streams may use it
+    with BatchFeed(spec, streams=4, prefetch=1, backend="ray", stream_cpus=0.25,
+                   stream_resources={"stream": 1}) as feed:
+        assert back.node_id in ray.get([h.node_id.remote() for h in feed.stream_handles()])
+        np.testing.assert_array_equal(feed.next()["view1"], on_s3["clean"][0]["view1"])
+
+
+def losses(run: str) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in rf.read_metrics(run)}
+
+
+def test_a_trainer_node_removed_mid_run_resumes_on_the_other_with_the_same_losses(multinode, on_s3, moto_s3):
+    runs = moto_s3.bucket("runs")
+    extra = {"train.steps": 16, "train.ckpt_every": 4, "scaling.num_workers": 1, "scaling.max_failures": 2}
+    assert main(["pretrain", CONFIG, *overrides(runs + "/steady", on_s3["url"], **extra),
+                 "--address", multinode.address, "--quiet"]) == 0
+    steady = losses(runs + "/steady")
+
+    run = runs + "/node-lost"
+    removed: list[str] = []
+    before = {a["ActorID"] for a in actors_by_class(("RayTrainWorker",))}
+
+    def remove_the_trainer_node() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            found = ck.list_checkpoints(run)
+            if found and found[-1][0] >= 8 and ck.storage.exists(ck.storage.join(found[-1][1], ck.META)):
+                break
+            time.sleep(0.1)
+        alive = [a for a in actors_by_class(("RayTrainWorker",)) if a["State"] == "ALIVE"]
+        node = multinode.node_of(alive[0]["Address"]["NodeID"])
+        removed.append(node.node_id)
+        multinode.remove(node)
+
+    thread = threading.Thread(target=remove_the_trainer_node, daemon=True)
+    thread.start()
+    assert main(["pretrain", CONFIG, *overrides(run, on_s3["url"], **extra),
+                 "--address", multinode.address, "--quiet"]) == 0
+    thread.join(10)
+    assert removed, "the trainer node was not removed"
+    got = losses(run)
+    assert sorted(got) == list(range(1, 17))
+    for step in range(1, 17):  # after the restart from step 8's checkpoint, the same losses
+        assert got[step] == pytest.approx(steady[step], abs=1e-6), step
+    ran_on = [a["Address"]["NodeID"] for a in actors_by_class(("RayTrainWorker",)) if a["ActorID"] not in before]
+    assert ran_on[0] == removed[0] and len(ran_on) == 2  # the first worker, then its restart
+    assert multinode.role_of(ran_on[1]) == "trainer" and ran_on[1] != removed[0]  # on the other trainer node
