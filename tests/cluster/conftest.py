@@ -67,7 +67,9 @@ def multinode(moto_s3: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     tmp = str(tmp_path_factory.mktemp("mn"))
     saved = {k: os.environ.get(k) for k in TRAIN_POLL}
     os.environ.update(TRAIN_POLL)  # the raylets, and so Ray Train's controller, inherit it (and moto's settings)
+    saved["RAY_ADDRESS"] = os.environ.get("RAY_ADDRESS")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": tmp, **NODE})
+    os.environ["RAY_ADDRESS"] = cluster.address  # Ray's own helpers that look for "the" cluster find this one
     mn = MultiNode(cluster, tmp)
     try:
         for role in ("stream", "stream", "trainer", "trainer"):

@@ -140,6 +140,7 @@ def test_a_trainer_node_removed_mid_run_resumes_on_the_other_with_the_same_losse
     assert sorted(got) == list(range(1, 17))
     for step in range(1, 17):  # after the restart from step 8's checkpoint, the same losses
         assert got[step] == pytest.approx(steady[step], abs=1e-6), step
-    ran_on = [a["Address"]["NodeID"] for a in actors_by_class(("RayTrainWorker",)) if a["ActorID"] not in before]
+    ran_on = [a["Address"]["NodeID"] for a in sorted(actors_by_class(("RayTrainWorker",)), key=lambda a: a["StartTime"])
+              if a["ActorID"] not in before]
     assert ran_on[0] == removed[0] and len(ran_on) == 2  # the first worker, then its restart
     assert multinode.role_of(ran_on[1]) == "trainer" and ran_on[1] != removed[0]  # on the other trainer node
