@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
@@ -29,6 +30,8 @@ class Fault:
     status: Optional[int] = None  # None: drop the reply after moto applied the request
     seen: int = 0
     fired: int = 0
+    delay: Optional[float] = None  # hold the request this long, then forward it (`arrived` set on arrival)
+    arrived: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -85,6 +88,10 @@ class S3Proxy:
                             if f.seen == f.nth or f.nth == 0:
                                 f.fired += 1
                                 fault = f
+                if fault is not None and fault.delay is not None:
+                    fault.arrived.set()
+                    time.sleep(fault.delay)
+                    fault = None  # then forwarded and answered as usual
                 if fault is not None and fault.status is not None:
                     rec.status = fault.status
                     msg = b"<Error><Code>InternalError</Code><Message>injected</Message></Error>"
@@ -142,6 +149,11 @@ class S3Proxy:
     def fail(self, method: str, path_contains: str, nth: int = 1, status: int = 503) -> Fault:
         """Answer the nth matching request (every one if nth=0) with `status` without forwarding it."""
         return self._add(Fault(method, path_contains, nth, status))
+
+    def hold(self, method: str, path_contains: str, seconds: float, nth: int = 1) -> Fault:
+        """Hold the nth matching request `seconds` before forwarding it (a slow upload); the fault's
+        `arrived` event is set when it arrives."""
+        return self._add(Fault(method, path_contains, nth, delay=seconds))
 
     def _add(self, fault: Fault) -> Fault:
         with self.state.lock:

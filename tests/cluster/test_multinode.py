@@ -107,14 +107,28 @@ def losses(run: str) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in rf.read_metrics(run)}
 
 
-def test_a_trainer_node_removed_mid_run_resumes_on_the_other_with_the_same_losses(multinode, on_s3, moto_s3):
-    runs = moto_s3.bucket("runs")
-    extra = {"train.steps": 16, "train.ckpt_every": 4, "scaling.num_workers": 1, "scaling.max_failures": 2}
-    assert main(["pretrain", CONFIG, *overrides(runs + "/steady", on_s3["url"], **extra),
-                 "--address", multinode.address, "--quiet"]) == 0
-    steady = losses(runs + "/steady")
+ONE_WORKER = {"train.steps": 16, "train.ckpt_every": 4, "scaling.num_workers": 1, "scaling.max_failures": 2}
 
-    run = runs + "/node-lost"
+
+@pytest.fixture(scope="module")
+def steady(multinode, on_s3, moto_s3) -> dict[int, float]:
+    """Per-step losses of the one-worker run the node-loss tests disturb, undisturbed."""
+    run = moto_s3.bucket("runs") + "/steady"
+    assert main(["pretrain", CONFIG, *overrides(run, on_s3["url"], **ONE_WORKER),
+                 "--address", multinode.address, "--quiet"]) == 0
+    return losses(run)
+
+
+def trainer_node(multinode) -> Any:
+    """The node of the live Ray Train worker."""
+    alive = [a for a in actors_by_class(("RayTrainWorker",)) if a["State"] == "ALIVE"]
+    return multinode.node_of(alive[0]["Address"]["NodeID"])
+
+
+def test_a_trainer_node_removed_mid_run_resumes_on_the_other_with_the_same_losses(multinode, on_s3, moto_s3,
+                                                                                   steady):
+    extra = ONE_WORKER
+    run = moto_s3.bucket("runs") + "/node-lost"
     removed: list[str] = []
     before = {a["ActorID"] for a in actors_by_class(("RayTrainWorker",))}
 
@@ -125,8 +139,7 @@ def test_a_trainer_node_removed_mid_run_resumes_on_the_other_with_the_same_losse
             if found and found[-1][0] >= 8 and ck.storage.exists(ck.storage.join(found[-1][1], ck.META)):
                 break
             time.sleep(0.1)
-        alive = [a for a in actors_by_class(("RayTrainWorker",)) if a["State"] == "ALIVE"]
-        node = multinode.node_of(alive[0]["Address"]["NodeID"])
+        node = trainer_node(multinode)
         removed.append(node.node_id)
         multinode.remove(node)
 
@@ -144,3 +157,39 @@ def test_a_trainer_node_removed_mid_run_resumes_on_the_other_with_the_same_losse
               if a["ActorID"] not in before]
     assert ran_on[0] == removed[0] and len(ran_on) == 2  # the first worker, then its restart
     assert multinode.role_of(ran_on[1]) == "trainer" and ran_on[1] != removed[0]  # on the other trainer node
+
+
+def test_a_node_lost_while_a_checkpoint_is_written_restarts_from_the_previous_complete_one(
+        multinode, on_s3, moto_s3, steady):
+    """The trainer node dies while step 8's state.pt is on its way to S3 (held by the proxy):
+    step 8 never becomes a complete checkpoint (meta.json is written last), the restart uses
+    step 4's, and the losses still equal the undisturbed run's."""
+    from tests.chaos.s3proxy import S3Proxy
+
+    if len(multinode.trainer) < 2:
+        multinode.add("trainer")
+    run = moto_s3.bucket("runs") + "/lost-mid-checkpoint"
+    seen: dict[str, Any] = {}
+    with S3Proxy(moto_s3.endpoint) as proxy:
+        upload = proxy.hold("PUT", "step-000008/state.pt", seconds=3.0)
+
+        def remove_while_uploading() -> None:
+            if upload.arrived.wait(300):
+                node = trainer_node(multinode)
+                multinode.remove(node)
+                seen["latest"] = ck.latest_checkpoint(run)
+                seen["removed"] = node.node_id
+
+        thread = threading.Thread(target=remove_while_uploading, daemon=True)
+        thread.start()
+        args = overrides(run, on_s3["url"], **ONE_WORKER, storage=f"{{endpoint_url: {proxy.endpoint}}}")
+        assert main(["pretrain", CONFIG, *args, "--address", multinode.address, "--quiet"]) == 0
+        thread.join(10)
+    assert seen.get("removed"), "the node was not removed during the upload"
+    assert seen["latest"].endswith("step-000004")  # step 8 was not visible as a checkpoint
+    steps = [m["step"] for m in rf.read_metrics(run)]
+    assert steps.count(5) == 2 and steps.count(9) == 1  # steps 5-8 ran again after the restart from step 4
+    got = losses(run)
+    for step in range(1, 17):
+        assert got[step] == pytest.approx(steady[step], abs=1e-6), step
+    assert ck.read_meta(ck.latest_checkpoint(run))["step"] == 16
