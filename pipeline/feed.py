@@ -207,7 +207,6 @@ class BatchFeed:
         """The result of a sent request; WorkerDied if its worker died making it."""
         if self.backend == "ray":
             import ray
-
             from ray.exceptions import ObjectLostError
 
             try:
