@@ -29,7 +29,8 @@ from multiprocessing import get_context
 from typing import Any, Iterator, Mapping, Optional
 
 from selfsup.pipeline import storage
-from selfsup.pipeline.batch import KILLED, BatchMaker, FeedSpec, keep_freed_memory
+from selfsup.pipeline.batch import KILLED, BatchMaker, FeedSpec
+from selfsup.pipeline.workers import IsolatedWorker, WorkerDied, local_call, local_init, ray_deaths
 
 log = logging.getLogger(__name__)
 BACKENDS = ("ray", "local", "inline")
@@ -38,10 +39,6 @@ MAX_DEATHS = 2  # worker deaths while making one batch before it is isolated sam
 
 class PoisonBatchError(RuntimeError):
     """A micro-batch whose samples all kill the worker making them (or that kills it even without them)."""
-
-
-class WorkerDied(RuntimeError):
-    """The process making a request died (Ray actor lost, local pool broken)."""
 
 
 class ResultLost(RuntimeError):
@@ -148,7 +145,7 @@ class BatchFeed:
             return self._workers[req.slot].batch.remote(req.epoch, req.index, killers)
         if self.backend == "local":
             assert self._pool is not None
-            return self._pool.submit(_local_call, "make", req.epoch, req.index, killers)
+            return self._pool.submit(local_call, "make", req.epoch, req.index, killers)
         return None  # inline: made when consumed
 
     # ------------------------------------------------------------ consuming
@@ -211,7 +208,7 @@ class BatchFeed:
 
             try:
                 return ray.get(handle)
-            except _ray_deaths() as e:
+            except ray_deaths() as e:
                 raise WorkerDied(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
             except ObjectLostError as e:
                 raise ResultLost(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
@@ -233,7 +230,7 @@ class BatchFeed:
         where = f"micro-batch {req.index} of epoch {req.epoch}"
         log.warning("%s killed its worker %d times: making it sample by sample in an isolated worker",
                     where, req.deaths)
-        with _Isolated(self) as iso:
+        with IsolatedWorker(self) as iso:
             keys = iso.call("keys", req.epoch, req.index)
             if keys is None:
                 raise PoisonBatchError(f"{where}: the worker dies even listing its samples (shard indexes)")
@@ -266,7 +263,7 @@ class BatchFeed:
                              for _ in range(self.num_streams)]
         elif self.backend == "local":
             self._pool = ProcessPoolExecutor(self.num_streams, mp_context=get_context("spawn"),
-                                             initializer=_local_init, initargs=(self.spec,))
+                                             initializer=local_init, initargs=(self.spec,))
         else:
             self._inline = BatchMaker(self.spec)
 
@@ -287,7 +284,7 @@ class BatchFeed:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         self._pool = ProcessPoolExecutor(self.num_streams, mp_context=get_context("spawn"),
-                                         initializer=_local_init, initargs=(self.spec,))
+                                         initializer=local_init, initargs=(self.spec,))
         for r in self._pending:
             r.handle = self._submit(r)
 
@@ -357,76 +354,3 @@ class BatchFeed:
         """Data stall so far: seconds waited, batches taken, the last wait, stream restarts, quarantined."""
         return {"wait_s": self.wait_s, "batches": self.batches, "last_wait_s": self.last_wait_s,
                 "restarts": self.restarts, "quarantined": self.quarantined}
-
-
-def _ray_deaths() -> tuple[type[BaseException], ...]:
-    """Ray's errors for a request whose actor died (killed, lost with its node, or by the memory monitor)."""
-    from ray.exceptions import OutOfMemoryError, RayActorError
-
-    return RayActorError, OutOfMemoryError
-
-
-class _Isolated:
-    """One fresh worker for one suspect batch: a ShardStream (ray) or a one-process pool (local).
-
-    `call(method, ...)` runs a BatchMaker method there and returns its result, or None when the
-    worker died doing it (a new one is started for the next call).
-    """
-
-    def __init__(self, feed: BatchFeed) -> None:
-        self.feed = feed
-        self.worker: Any = None
-        self._start()
-
-    def _start(self) -> None:
-        f = self.feed
-        if f.backend == "ray":
-            from selfsup.pipeline.stream import start_stream
-
-            self.worker = start_stream(f.spec, f.stream_cpus, f.stream_resources)
-        else:
-            self.worker = ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=_local_init,
-                                              initargs=(f.spec,))
-
-    def call(self, method: str, *args: Any) -> Any:
-        ray_method = {"make": "batch"}.get(method, method)
-        try:
-            if self.feed.backend == "ray":
-                return self.feed._get(getattr(self.worker, ray_method).remote(*args))  # noqa: SLF001
-            return self.feed._get(self.worker.submit(_local_call, method, *args))  # noqa: SLF001
-        except WorkerDied:
-            self.close()
-            self._start()
-            return None
-
-    def close(self) -> None:
-        if self.feed.backend == "ray":
-            import ray
-
-            try:
-                ray.kill(self.worker)
-            except Exception:  # noqa: BLE001 - already dead
-                pass
-        else:
-            self.worker.shutdown(wait=False, cancel_futures=True)
-
-    def __enter__(self) -> "_Isolated":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-_LOCAL_MAKER: Optional[BatchMaker] = None
-
-
-def _local_init(spec: FeedSpec) -> None:
-    global _LOCAL_MAKER
-    keep_freed_memory()  # a worker process that only makes batches
-    _LOCAL_MAKER = BatchMaker(spec)
-
-
-def _local_call(method: str, *args: Any) -> Any:
-    """BatchMaker.<method>(*args) in a local worker process (make, keys, check)."""
-    assert _LOCAL_MAKER is not None
-    return getattr(_LOCAL_MAKER, method)(*args)
