@@ -44,65 +44,55 @@ class FakeAutoscalingCluster:
             "rsync_filter": [],
         }
 
+    @property
+    def auth_env(self) -> dict[str, str]:
+        """Token auth settings for every side (`ray start` turns token auth on when it finds a token
+        anywhere, ~/.ray included): this cluster's own token, in its temp dir."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.tmp / "auth_token")}
+
     def start(self) -> None:
+        """`ray start --head` with the autoscaling config; set `auth_env` in this process before connecting."""
         config = self.tmp / "autoscaling.json"
         config.write_text(json.dumps(self.config))
+        token = self.tmp / "auth_token"
+        token.write_text(os.urandom(24).hex())
+        token.chmod(0o600)
         env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-               "RAY_USAGE_STATS_ENABLED": "0"}
+               "RAY_USAGE_STATS_ENABLED": "0", **self.auth_env}
         ray = str(Path(sys.executable).with_name("ray"))
-        subprocess.run([ray, "start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
+        done = subprocess.run([ray, "start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
                         "--num-cpus=0", f"--temp-dir={self.tmp / 'ray'}", f"--autoscaling-config={config}",
                         "--include-dashboard=false", "--disable-usage-stats"],
-                       env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
+                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+        if done.returncode:
+            self.stop()
+            raise RuntimeError(f"ray start --head failed ({done.returncode}): {done.stdout[-2000:]}")
 
-    def ours(self) -> list[Any]:
-        """This cluster's processes: those whose command line names its temp dir or GCS port."""
-        import psutil
-
-        marks = (str(self.tmp), f":{self.port}")
+    def ours(self) -> list[int]:
+        """Pids of this cluster's processes: those whose command line names its temp dir or GCS port."""
+        marks = (str(self.tmp), f":{self.port}", f"={self.port}")
         found = []
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            cmd = " ".join(p.info["cmdline"] or [])
-            if p.info["pid"] != os.getpid() and any(m in cmd for m in marks):
-                found.append(p)
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if any(m in cmd for m in marks):
+                found.append(int(entry))
         return found
 
     def stop(self, timeout: float = 30.0) -> None:
         """End this cluster's processes (raylets first; their workers follow), nothing else's."""
-        import psutil
-
-        procs = self.ours()
-        for p in procs:
-            try:
-                p.send_signal(signal.SIGTERM)
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=timeout / 2)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=timeout / 2)
-
-    def node_counts(self) -> dict[str, int]:
-        """Alive nodes by type, read from the GCS (the head counts as HEAD)."""
-        import ray
-
-        counts: dict[str, int] = {}
-        for n in ray.nodes():
-            if not n["Alive"]:
-                continue
-            kind = self.type_of(n["Resources"])
-            counts[kind] = counts.get(kind, 0) + 1
-        return counts
-
-    def type_of(self, resources: dict[str, float]) -> str:
-        for name, spec in self.config["available_node_types"].items():
-            marks = [r for r in spec["resources"] if r not in ("CPU", "GPU", "object_store_memory")]
-            if marks and all(r in resources for r in marks):
-                return name
-        return HEAD
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in self.ours():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            if wait_for(lambda: not self.ours(), timeout / 2, every=0.2) is not None:
+                return
 
 
 def wait_for(predicate: Any, timeout: float, every: float = 0.5) -> Optional[float]:
