@@ -32,6 +32,15 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 TRAIN_POLL = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
+def restore_environ(saved: dict[str, str | None]) -> None:
+    """Put back environment variables saved as {name: value or None (was unset)}."""
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:
@@ -87,11 +96,7 @@ def moto_s3() -> Iterator[MotoS3]:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        restore_environ(saved)
 
 
 @pytest.fixture(scope="session")
@@ -106,11 +111,7 @@ def ray_cluster(moto_s3: MotoS3, tmp_path_factory: pytest.TempPathFactory) -> It
         ray.init(num_cpus=8, include_dashboard=False, _temp_dir=str(tmp), _node_ip_address="127.0.0.1",
                  log_to_driver=False, configure_logging=False)
     finally:  # only this cluster: `selfsup` subprocesses (the quality bars) keep Ray's default
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        restore_environ(saved)
     try:
         yield
     finally:

@@ -23,18 +23,24 @@ from tests.pipeline.test_feed import ARGS
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
-@pytest.fixture(scope="module")
-def on_s3(moto_s3: Any) -> dict[str, Any]:
-    """96 Fashion-MNIST JPEGs in three shards on moto S3, and the batches of a clean inline epoch."""
-    dest = moto_s3.bucket("chaos") + "/ds"
-    samples = images(96, set())
-    for n in range(3):
-        add_shard(dest, f"pretrain-{n:06d}", samples[32 * n: 32 * (n + 1)], "image")
+def dataset_on_s3(moto_s3: Any, bucket: str, n: int, shards: int, seed: int) -> dict[str, Any]:
+    """n Fashion-MNIST JPEGs in `shards` equal shards on moto S3, and the batches (8 a batch) of a
+    clean inline epoch of them: the reference a disturbed run is compared with."""
+    dest = moto_s3.bucket(bucket) + "/ds"
+    samples, per = images(n, set()), n // shards
+    for k in range(shards):
+        add_shard(dest, f"pretrain-{k:06d}", samples[per * k: per * (k + 1)], "image")
     snap = build_snapshot([SourceSpec(url=dest, split="pretrain")])
-    spec = FeedSpec(snap, 8, modality_args=ARGS, seed=3)
+    spec = FeedSpec(snap, 8, modality_args=ARGS, seed=seed)
     with BatchFeed(spec, backend="inline") as feed:
         clean = [feed.next() for _ in range(feed.steps_per_epoch())]
-    return {"snapshot": snap, "keys": shard_keys(snap), "clean": clean}
+    return {"url": dest, "snapshot": snap, "keys": shard_keys(snap), "clean": clean, "spec": spec}
+
+
+@pytest.fixture(scope="module")
+def on_s3(moto_s3: Any) -> dict[str, Any]:
+    """96 images in three shards on moto S3, and a clean inline epoch of them."""
+    return dataset_on_s3(moto_s3, "chaos", 96, 3, seed=3)
 
 
 @pytest.fixture

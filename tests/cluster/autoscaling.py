@@ -3,9 +3,10 @@ multi-node node provider (`RAY_FAKE_CLUSTER=1`) behind a real `ray start --head`
 autoscaling config, each launched node a real raylet.
 
 `ray.cluster_utils.AutoscalingCluster` does the same but begins and ends with `ray stop --force`,
-which ends every Ray process on the machine. This one starts its head on a free port with its own
-temp dir, and stops only the processes whose command line names that temp dir or port (the
-workers of its raylets exit with them).
+which ends every Ray process on the machine. This one runs `ray start --head` (free port, own temp
+dir, own token) as the leader of a new session: every process of the cluster, the nodes the
+autoscaler launches included, stays in that session, and `stop()` ends exactly the processes of
+that session id.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class FakeAutoscalingCluster:
         self.tmp = tmp
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.sid: Optional[int] = None  # the session id of every process of this cluster
         self.config = {
             "cluster_name": "selfsup-fake", "max_workers": sum(t.get("max_workers", 1) for t in node_types.values()),
             "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
@@ -60,31 +62,35 @@ class FakeAutoscalingCluster:
         env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
                "RAY_USAGE_STATS_ENABLED": "0", **self.auth_env}
         ray = str(Path(sys.executable).with_name("ray"))
-        done = subprocess.run([ray, "start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
-                        "--num-cpus=0", f"--temp-dir={self.tmp / 'ray'}", f"--autoscaling-config={config}",
-                        "--include-dashboard=false", "--disable-usage-stats"],
-                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
-        if done.returncode:
+        starter = subprocess.Popen([ray, "start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
+                                    "--num-cpus=0", f"--temp-dir={self.tmp / 'ray'}", f"--autoscaling-config={config}",
+                                    "--include-dashboard=false", "--disable-usage-stats"],
+                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   start_new_session=True)
+        self.sid = starter.pid  # a session leader's pid is its session id
+        output, _ = starter.communicate(timeout=120)
+        if starter.returncode:
             self.stop()
-            raise RuntimeError(f"ray start --head failed ({done.returncode}): {done.stdout[-2000:]}")
+            raise RuntimeError(f"ray start --head failed ({starter.returncode}): {output[-2000:]}")
 
     def ours(self) -> list[int]:
-        """Pids of this cluster's processes: those whose command line names its temp dir or GCS port."""
-        marks = (str(self.tmp), f":{self.port}", f"={self.port}")
+        """Pids of this cluster's processes: those in the session `ray start` led (by session id)."""
+        if self.sid is None:
+            return []
         found = []
         for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == os.getpid():
+            if not entry.isdigit():
                 continue
             try:
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                stat = Path(f"/proc/{entry}/stat").read_text()
             except OSError:
                 continue
-            if any(m in cmd for m in marks):
+            if int(stat.rsplit(")", 1)[1].split()[3]) == self.sid:  # field 6: the session id
                 found.append(int(entry))
         return found
 
     def stop(self, timeout: float = 30.0) -> None:
-        """End this cluster's processes (raylets first; their workers follow), nothing else's."""
+        """End this cluster's processes, nothing else's: SIGTERM, then SIGKILL to what is left."""
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in self.ours():
                 try:

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.conftest import TRAIN_POLL
+from tests.conftest import TRAIN_POLL, restore_environ
 
 NODE = {"node_ip_address": "127.0.0.1", "object_store_memory": 100 * 2**20, "include_dashboard": False}
 
@@ -80,8 +80,4 @@ def multinode(moto_s3: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     finally:
         ray.shutdown()
         cluster.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        restore_environ(saved)

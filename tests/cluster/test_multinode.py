@@ -11,14 +11,11 @@ import numpy as np
 import pytest
 
 from selfsup.jobs.cli import main
-from selfsup.pipeline.batch import FeedSpec
 from selfsup.pipeline.feed import BatchFeed
-from selfsup.pipeline.snapshot import SourceSpec, build_snapshot
 from selfsup.trainers import checkpoint as ck
 from selfsup.trainers import run_folder as rf
-from tests.chaos.test_bad_samples import images
-from tests.conftest import ROOT, add_shard, shard_keys
-from tests.pipeline.test_feed import ARGS
+from tests.chaos.test_stream_faults import dataset_on_s3
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.cluster
 CONFIG = str(ROOT / "jobs" / "configs" / "simclr_image.yaml")
@@ -26,16 +23,8 @@ CONFIG = str(ROOT / "jobs" / "configs" / "simclr_image.yaml")
 
 @pytest.fixture(scope="module")
 def on_s3(moto_s3: Any) -> dict[str, Any]:
-    """256 Fashion-MNIST JPEGs in four shards on moto S3, and a clean inline epoch of them."""
-    dest = moto_s3.bucket("multinode") + "/ds"
-    samples = images(256, set())
-    for n in range(4):
-        add_shard(dest, f"pretrain-{n:06d}", samples[64 * n: 64 * (n + 1)], "image")
-    snap = build_snapshot([SourceSpec(url=dest, split="pretrain")])
-    spec = FeedSpec(snap, 8, modality_args=ARGS, seed=5)
-    with BatchFeed(spec, backend="inline") as feed:
-        clean = [feed.next() for _ in range(feed.steps_per_epoch())]
-    return {"url": dest, "snapshot": snap, "keys": shard_keys(snap), "clean": clean, "spec": spec}
+    """256 images in four shards on moto S3, and a clean inline epoch of them."""
+    return dataset_on_s3(moto_s3, "multinode", 256, 4, seed=5)
 
 
 def actors_by_class(names: tuple[str, ...]) -> list[dict[str, Any]]:
