@@ -152,6 +152,13 @@ def part_urls(dataset: str, options: Optional[Mapping[str, Any]] = None) -> list
     return sorted(parts, key=order)
 
 
+def require_dataset(dataset: str, options: Optional[Mapping[str, Any]] = None) -> None:
+    """FileNotFoundError naming the location when it holds no manifest part (a typo, the wrong bucket)."""
+    if not part_urls(dataset, options):
+        raise FileNotFoundError(f"no dataset at {storage.redact_url(dataset)}: it has no {MANIFEST_DIR}/ parts "
+                                "(check the location; `selfsup shards write SRC DEST` makes a dataset)")
+
+
 def read_part(url: str, options: Optional[Mapping[str, Any]] = None) -> pa.Table:
     """One part as a table of SCHEMA; ValueError saying what is wrong when it is not a valid part."""
     data = storage.read_bytes(url, options=options)

@@ -94,6 +94,7 @@ def build_snapshot(sources: Sequence[SourceSpec], modality: Optional[str] = None
     refs: dict[str, ShardRef] = {}
     modalities = set()
     for src in sources:
+        manifest.require_dataset(src.url, options)
         rows = [r for r in manifest.read_manifest(src.url, options, as_of=as_of) if r["split"] == src.split]
         if not rows:
             raise ValueError(f"no visible shards with split {src.split!r} in {storage.redact_url(src.url)} "

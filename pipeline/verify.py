@@ -90,17 +90,21 @@ def verify_dataset(dataset: str, options: Optional[Mapping[str, Any]] = None,
                    progress: Any = None) -> list[ShardCheck]:
     """Verify every visible shard of a dataset, and name every manifest part that cannot be read.
 
-    One bad shard or part never stops the check: each gets its own verdict.
+    `progress` is a tqdm-like bar (its total is set here). One bad shard or part never stops the check: each gets its own verdict. A location without a
+    manifest is FileNotFoundError, never "0 shards checked, 0 corrupt".
     """
+    manifest.require_dataset(dataset, options)
     rows, bad_parts = manifest.read_manifest_lenient(dataset, options)
+    if progress is not None:
+        progress.total = len(rows)
     out = [ShardCheck(_part_name(b.url), [f"manifest part unreadable: {b.reason}"]) for b in bad_parts]
     for row in rows:
         try:
             out.append(verify_shard(dataset, row, options))
         except Exception as e:  # noqa: BLE001 - a verdict per shard; verify must reach every shard
             out.append(ShardCheck(row["path"], [f"cannot be checked: {type(e).__name__}: {e}"]))
-        if progress:
-            progress(1)
+        if progress is not None:
+            progress.update(1)
     return out
 
 

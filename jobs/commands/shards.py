@@ -202,6 +202,7 @@ def _reencode(members: dict[str, bytes]) -> dict[str, bytes]:
 def run_ls(args: argparse.Namespace) -> int:
     """`selfsup shards ls`."""
     opts = storage_options(args)
+    manifest.require_dataset(args.dest, opts)
     rows, bad = manifest.read_manifest_lenient(args.dest, opts)
     for b in bad:  # named, then the readable parts are listed
         print(f"warning: unreadable manifest part {b.describe()}; its rows are not listed "
@@ -248,9 +249,9 @@ def _print_items(held: ledger.Holdings, as_json: bool) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     """`selfsup shards verify`: exit 1 if any shard is corrupt."""
     opts = storage_options(args)
-    bar = tqdm(unit="shard", desc="verify", file=sys.stderr)
-    checks = verify_dataset(args.dest, opts, progress=bar.update)
-    bar.close()
+    manifest.require_dataset(args.dest, opts)  # before the bar: a wrong location is one clear line
+    with tqdm(unit="shard", desc="verify", file=sys.stderr) as bar:
+        checks = verify_dataset(args.dest, opts, progress=bar)
     bad = [c for c in checks if not c.ok]
     if args.json:
         print(json.dumps({"shards": len(checks), "corrupt": [

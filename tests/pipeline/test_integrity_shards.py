@@ -12,7 +12,7 @@ import threading
 import cv2
 import pytest
 
-from selfsup.pipeline import manifest, storage, writer
+from selfsup.pipeline import manifest, snapshot, storage, writer
 from selfsup.pipeline.sources import Item, unique_keys
 from selfsup.pipeline.sources.folder import FolderSource
 from selfsup.pipeline.tarindex import ShardIndex, index_tar, load_index, scan_shard
@@ -173,6 +173,25 @@ def test_an_empty_manifest_part_is_named_and_the_rest_listed(three_shards):
     assert f"CORRUPT _manifest/{bad.name}" in verify.stdout and "4 shard(s) checked, 1 corrupt" in verify.stdout
     with pytest.raises(manifest.ManifestError, match=bad.name):  # a training reader stops, naming it
         manifest.read_manifest(str(dest))
+
+
+def test_a_location_without_a_dataset_is_an_error_not_an_empty_verdict(three_shards, tmp_path):
+    """A typo in the path must not read as "0 shard(s) checked, 0 corrupt" with exit 0."""
+    typo = tmp_path / "dataset-typo"
+    for action in ("ls", "verify"):
+        res = run_cli("shards", action, str(typo))
+        assert res.returncode == 2, (action, res.stdout, res.stderr)
+        assert f"no dataset at {typo}" in res.stderr and "_manifest/" in res.stderr
+        assert "shard(s) checked" not in res.stdout and "verify:" not in res.stderr
+    with pytest.raises(FileNotFoundError, match="no dataset at"):
+        snapshot.build_snapshot([snapshot.SourceSpec(str(typo))])
+    # a dataset whose shards were all retired is still a dataset: empty, not an error
+    paths = [r["path"] for r in manifest.read_manifest(str(three_shards))]
+    assert run_cli("shards", "rm", str(three_shards), *paths).returncode == 0
+    ls = run_cli("shards", "ls", str(three_shards))
+    assert ls.returncode == 0 and "no visible shards" in ls.stdout
+    verify = run_cli("shards", "verify", str(three_shards))
+    assert verify.returncode == 0 and "0 shard(s) checked, 0 corrupt" in verify.stdout
 
 
 def test_a_manifest_row_pointing_outside_the_dataset_is_refused(three_shards, tmp_path):
