@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from selfsup.jobs.cluster.objectstore import StoreTotals
 from selfsup.jobs.common import ensure_ray
 from selfsup.pipeline import lease as leases
 from selfsup.pipeline import storage
@@ -77,9 +78,10 @@ def train(cfg: PretrainConfig, options: TrainOptions = TrainOptions()) -> TrainR
         resume_from, new_plan = prepare_run(cfg, options.resume, options.allow_plan_change)
         progress = Progress(cfg, quiet=options.quiet)
         progress.start()
+        store = None
         try:
             if options.use_ray:
-                train_on_ray(cfg, resume_from, options.address, options.stop_after, new_plan, held.ident)
+                store = train_on_ray(cfg, resume_from, options.address, options.stop_after, new_plan, held.ident)
             else:
                 train_here(cfg, resume_from, options.stop_after, new_plan, held.ident)
         except BaseException as e:
@@ -91,7 +93,7 @@ def train(cfg: PretrainConfig, options: TrainOptions = TrainOptions()) -> TrainR
         progress.stop()
         if held.lost:
             raise held.taken()
-        return finish(cfg, held.stop_reason)
+        return finish(cfg, held.stop_reason, store)
 
 
 class TrainerLease:
@@ -239,8 +241,9 @@ def local_cpus(cfg: PretrainConfig) -> float:
 
 def train_on_ray(cfg: PretrainConfig, resume_from: Optional[str], address: Optional[str],
                  stop_after: Optional[int] = None, new_plan: bool = False,
-                 lease: Optional[dict[str, str]] = None) -> None:
-    """TorchTrainer over train_loop_per_worker with checkpoints under RUN/checkpoints/."""
+                 lease: Optional[dict[str, str]] = None) -> Optional[StoreTotals]:
+    """TorchTrainer over train_loop_per_worker with checkpoints under RUN/checkpoints/; returns the
+    cluster's object store figures with spill and restore counted over the fit (None if unknown)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -265,7 +268,10 @@ def train_on_ray(cfg: PretrainConfig, resume_from: Optional[str], address: Optio
         run_config=RunConfig(name=ck.CHECKPOINTS, storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=s.max_failures)),
     )
+    before = StoreTotals.now()
     trainer.fit()
+    after = StoreTotals.now()
+    return after.since(before) if after else None
 
 
 def mark_failed(cfg: PretrainConfig, error: BaseException) -> None:
@@ -280,24 +286,33 @@ def mark_failed(cfg: PretrainConfig, error: BaseException) -> None:
                     cfg.storage_options)
 
 
-def finish(cfg: PretrainConfig, stop_reason: Optional[str] = None) -> TrainResult:
+def finish(cfg: PretrainConfig, stop_reason: Optional[str] = None,
+           store: Optional[StoreTotals] = None) -> TrainResult:
     """Mark the run finished (or stopped, resumable, with `stop_reason` if a stop was asked) and print
-    where its checkpoints are."""
+    where its checkpoints are, and what the run spilled from Ray's object stores (`store`)."""
     from selfsup.trainers import checkpoint as ck
 
     opts = cfg.storage_options
     latest = ck.latest_checkpoint(cfg.run, opts)
-    last = rf.last_metrics(cfg.run, opts)
+    logged = rf.read_metrics(cfg.run, opts)
+    last = logged[-1] if logged else {}
+    stalls = [m["stall_pct"] for m in logged if m.get("stall_pct") is not None]
+    stall = sum(stalls) / len(stalls) if stalls else None  # the mean over the logged steps
     step = int(last.get("step", cfg.train.steps))
     stopped = step < (last.get("horizon") or cfg.train.steps)  # a time-fitted schedule ends at its horizon
     result = TrainResult(rf.STOPPED if stopped else rf.FINISHED, step, last.get("loss"), latest)
     why = stop_reason if stopped else None
     rf.write_status(cfg.run, rf.RunStatus(result.state, step=step, steps=cfg.train.steps, loss=result.loss,
+                                          samples_per_s=last.get("samples_per_s"), stall_pct=stall,
                                           checkpoint=latest and storage.redact_url(latest),
-                                          warning=why and f"stopped: {why}"), opts)
+                                          warning=why and f"stopped: {why}",
+                                          object_store=store.to_dict() if store else None), opts)
+    if store is not None:
+        print(f"selfsup pretrain: {store.describe()}", file=sys.stderr)
     print(f"selfsup pretrain: {'stopped at' if stopped else 'finished'} {step} steps{f' ({why})' if why else ''}, "
           f"loss {last.get('loss', float('nan')):.4f}; "
-          f"checkpoint {storage.redact_url(latest) if latest else '(none)'}", file=sys.stderr)
+          + (f"data stall {stall:.1f}% (mean over logged steps); " if stall is not None else "")
+          + f"checkpoint {storage.redact_url(latest) if latest else '(none)'}", file=sys.stderr)
     return result
 
 

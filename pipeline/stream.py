@@ -2,7 +2,7 @@
 
 `batch(epoch, i)` is a pure function of the feed spec, so any stream can make any batch and a
 feed that loses a stream simply asks a new one. Streams ask only for CPU (plus optional custom
-resources such as `shardstream`, which CPU worker nodes offer), so they can sit on CPU-only
+resources such as `stream`, which CPU worker nodes offer), so they can sit on CPU-only
 nodes. They are never restarted by Ray (`max_restarts=0`): the feed replaces them.
 """
 from __future__ import annotations

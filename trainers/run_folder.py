@@ -104,6 +104,7 @@ class RunStatus:
     samples: Optional[int] = None
     pid: Optional[int] = None
     host: Optional[str] = None
+    object_store: Optional[dict[str, int]] = None  # Ray object store spill/restore over the run (jobs/cluster/objectstore.py)
     updated: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:

@@ -1,5 +1,5 @@
 """A real multi-node Ray cluster on one machine: a head with no work resources, two stream nodes
-(`shardstream: 4`, 1 CPU: the resource infra/'s stream node types offer) and two trainer nodes
+(`stream: 4`, 1 CPU: the resource infra/'s stream node types offer) and two trainer nodes
 (`trainer: 1`, 1 CPU), each its own raylet with its own object store (`ray.cluster_utils.Cluster`),
 on 127.0.0.1 with its temp dir in pytest's tmp.
 
@@ -34,7 +34,7 @@ class MultiNode:
 
     def add(self, role: str) -> Any:
         """Start one more node of `role` ('stream' or 'trainer') and wait for it."""
-        resources = {"shardstream": 4.0} if role == "stream" else {"trainer": 1.0}
+        resources = {"stream": 4.0} if role == "stream" else {"trainer": 1.0}
         node = self.cluster.add_node(num_cpus=1, resources=resources, temp_dir=self.temp_dir, **NODE)
         self.cluster.wait_for_nodes()
         getattr(self, role).append(node)

@@ -1,4 +1,4 @@
-"""Stream nodes on demand: a run that asks for `shardstream` streams makes the autoscaler launch
+"""Stream nodes on demand: a run that asks for `stream` streams makes the autoscaler launch
 stream nodes from zero, and once it ends the idle stream nodes go away; the trainer node type
 keeps its minimum. Ray's fake multi-node provider launches real raylets (tests/cluster/autoscaling.py).
 The drivers (the run, the node counter) are processes of their own: they take the cluster's token
@@ -22,12 +22,12 @@ from tests.conftest import FMNIST, ROOT, run_cli
 pytestmark = pytest.mark.cluster
 CONFIG = str(ROOT / "jobs" / "configs" / "simclr_image.yaml")
 # the node types of infra/aws and infra/gcp, at this machine's size: spot CPU stream nodes offering
-# `shardstream`, trainer nodes (GPU in the cloud; a `trainer` resource here)
+# `stream`, trainer nodes (GPU in the cloud; a `trainer` resource here)
 NODE_TYPES = {
-    "cpu_streams": {"resources": {"CPU": 1, "shardstream": 4}, "node_config": {}, "min_workers": 0, "max_workers": 3},
+    "stream_cpu": {"resources": {"CPU": 1, "stream": 4}, "node_config": {}, "min_workers": 0, "max_workers": 3},
     "trainer": {"resources": {"CPU": 1, "trainer": 1}, "node_config": {}, "min_workers": 1, "max_workers": 1},
 }
-MARKS = {"cpu_streams": ["shardstream"], "trainer": ["trainer"]}
+MARKS = {"stream_cpu": ["stream"], "trainer": ["trainer"]}
 
 
 def test_stream_nodes_scale_up_from_zero_for_a_run_and_down_when_idle(tmp_path, tmp_path_factory, capsys):
@@ -66,11 +66,11 @@ def test_stream_nodes_scale_up_from_zero_for_a_run_and_down_when_idle(tmp_path, 
 
     try:
         assert wait_until(lambda: now().get("trainer") == 1, 120), timeline  # min_workers
-        assert now().get("cpu_streams", 0) == 0
+        assert now().get("stream_cpu", 0) == 0
         run = str(tmp_path / "run")
         args = [f"run={run}", f"data.sources=[{{url: {data}}}]", "data.batch_size=16",
                 "data.modality_args={size: 28, channels: 1}", "data.streams=2", "data.stream_cpus=0.25",
-                "data.stream_resources={shardstream: 1}", "scaling.num_workers=1", "scaling.cpus_per_worker=0.25",
+                "data.stream_resources={stream: 1}", "scaling.num_workers=1", "scaling.cpus_per_worker=0.25",
                 "scaling.resources_per_worker={trainer: 1}", "train.steps=20", "train.log_every=5",
                 "train.ckpt_every=20", "train.warmup_steps=2", "objective.backbone_args.width=8"]
         ran_at = time.time() - t0
@@ -78,8 +78,8 @@ def test_stream_nodes_scale_up_from_zero_for_a_run_and_down_when_idle(tmp_path, 
         ended_at = time.time() - t0
         assert res.returncode == 0, res.stderr[-3000:]
         assert ck.read_meta(ck.latest_checkpoint(run))["step"] == 20
-        assert max(c.get("cpu_streams", 0) for _, c in timeline) >= 1, timeline  # scaled up from zero
-        assert wait_until(lambda: now().get("cpu_streams", 0) == 0, 120), f"idle stream nodes stayed: {timeline}"
+        assert max(c.get("stream_cpu", 0) for _, c in timeline) >= 1, timeline  # scaled up from zero
+        assert wait_until(lambda: now().get("stream_cpu", 0) == 0, 120), f"idle stream nodes stayed: {timeline}"
         assert now().get("trainer") == 1  # the minimum stays
     finally:
         counter.kill()

@@ -37,7 +37,7 @@ def actors_by_class(names: tuple[str, ...]) -> list[dict[str, Any]]:
 def overrides(run: str, data: str, **extra: object) -> list[str]:
     base = {"run": run, "data.sources": f"[{{url: {data}}}]", "train.warmup_steps": 2, "train.log_every": 1,
             "data.batch_size": 16, "data.modality_args": "{size: 28, channels: 1}", "data.streams": 1,
-            "data.stream_cpus": 0.25, "data.stream_resources": "{shardstream: 1}", "scaling.cpus_per_worker": 0.25,
+            "data.stream_cpus": 0.25, "data.stream_resources": "{stream: 1}", "scaling.cpus_per_worker": 0.25,
             "scaling.resources_per_worker": "{trainer: 1}", "objective.backbone_args.width": 8}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -69,7 +69,7 @@ def test_a_stream_node_removed_mid_epoch_loses_and_repeats_nothing(multinode, on
 
     spec, got = on_s3["spec"], []
     with BatchFeed(spec, streams=4, prefetch=2, backend="ray", stream_cpus=0.25,
-                   stream_resources={"shardstream": 1}) as feed:
+                   stream_resources={"stream": 1}) as feed:
         steps = feed.steps_per_epoch()
         nodes = ray.get([h.node_id.remote() for h in feed.stream_handles()])
         assert len(set(nodes)) == 2 and {multinode.role_of(n) for n in nodes} == {"stream"}
@@ -87,7 +87,7 @@ def test_a_stream_node_removed_mid_epoch_loses_and_repeats_nothing(multinode, on
 
     back = multinode.add("stream")  # the node comes back: new streams may use it
     with BatchFeed(spec, streams=4, prefetch=1, backend="ray", stream_cpus=0.25,
-                   stream_resources={"shardstream": 1}) as feed:
+                   stream_resources={"stream": 1}) as feed:
         assert back.node_id in ray.get([h.node_id.remote() for h in feed.stream_handles()])
         np.testing.assert_array_equal(feed.next()["view1"], on_s3["clean"][0]["view1"])
 

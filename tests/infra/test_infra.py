@@ -3,7 +3,7 @@
 No network and no cluster: the cluster launcher configs go through the JSON schema shipped
 inside the installed ray package and through Ray's own config preparation; the manifests
 and the Dockerfile are parsed and checked for the shape DESIGN.md asks for (head takes no
-work, CPU stream nodes offer `shardstream`, GPU nodes offer GPUs), for one image
+work, CPU stream nodes offer `stream`, GPU nodes offer GPUs), for one image
 everywhere, and for `selfsup` command lines that name real subcommands.
 """
 
@@ -302,7 +302,7 @@ def test_cluster_head_takes_no_work(cloud: str) -> None:
     resources = types[head]["resources"]
     assert resources.get("CPU") == 0, f"head must advertise CPU: 0, has {resources}"
     assert not resources.get("GPU"), f"head must offer no GPU, has {resources}"
-    assert "shardstream" not in resources
+    assert "stream" not in resources
     node_config = types[head]["node_config"]
     assert "InstanceMarketOptions" not in node_config, "head must be on-demand"
     assert not node_config.get("scheduling", {}).get("preemptible"), "head must be on-demand"
@@ -318,10 +318,10 @@ def is_spot(cloud: str, node_config: dict) -> bool:
 
 
 @pytest.mark.parametrize("cloud", sorted(CLUSTER_YAMLS))
-def test_cluster_cpu_stream_group_offers_shardstream_on_spot(cloud: str) -> None:
+def test_cluster_cpu_stream_group_offers_stream_on_spot(cloud: str) -> None:
     _, head, types = node_types(cloud)
-    streams = {n: t for n, t in types.items() if t["resources"].get("shardstream", 0) > 0}
-    assert streams, f"no node type offers the custom resource shardstream: {list(types)}"
+    streams = {n: t for n, t in types.items() if t["resources"].get("stream", 0) > 0}
+    assert streams, f"no node type offers the custom resource stream: {list(types)}"
     for name, node_type in streams.items():
         assert name != head
         assert not node_type["resources"].get("GPU"), f"{name}: streams belong on CPU nodes"
@@ -339,7 +339,7 @@ def test_cluster_gpu_group_is_h100_and_offers_no_streams(cloud: str) -> None:
         assert name != head
         assert node_type["node_config"][key] == machine
         assert node_type["resources"]["GPU"] == 8, f"{machine} has 8 GPUs"
-        assert "shardstream" not in node_type["resources"], f"{name}: no streams on GPU nodes"
+        assert "stream" not in node_type["resources"], f"{name}: no streams on GPU nodes"
 
 
 @pytest.mark.parametrize("cloud", sorted(CLUSTER_YAMLS))
@@ -420,12 +420,12 @@ def test_ray_cluster_spec_shape(where: str, spec: dict) -> None:
     assert gpu_limit(head["template"]["spec"]) == 0, f"{where}: head must have no GPU"
 
     groups = spec["workerGroupSpecs"]
-    streams = [g for g in groups if custom_resources(g).get("shardstream", 0) > 0]
+    streams = [g for g in groups if custom_resources(g).get("stream", 0) > 0]
     gpus = [g for g in groups if gpu_limit(g["template"]["spec"]) > 0]
-    assert streams, f"{where}: no worker group offers shardstream"
+    assert streams, f"{where}: no worker group offers stream"
     assert gpus, f"{where}: no worker group requests nvidia.com/gpu"
     assert all(gpu_limit(g["template"]["spec"]) == 0 for g in streams), "streams on GPU pods"
-    assert all("shardstream" not in custom_resources(g) for g in gpus), "streams on GPU pods"
+    assert all("stream" not in custom_resources(g) for g in gpus), "streams on GPU pods"
 
     for group in [head, *groups]:
         label = group.get("groupName", "head")

@@ -69,7 +69,7 @@ def test_wheel_holds_every_module_and_config_under_selfsup_only(installed: Insta
     assert want <= names, sorted(want - names)
     with zipfile.ZipFile(installed.wheel) as z:
         assert z.read(f"{info}/top_level.txt").decode().split() == ["selfsup"]
-        assert "selfsup = selfsup.jobs.cli:main" in z.read(f"{info}/entry_points.txt").decode()
+        assert "selfsup = selfsup.jobs.cli:console" in z.read(f"{info}/entry_points.txt").decode()
 
 
 def test_installed_copy_runs_from_another_folder(installed: Installed, tmp_path: Path) -> None:
