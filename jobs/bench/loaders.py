@@ -166,26 +166,38 @@ class RunClock:
     @staticmethod
     def sample() -> tuple[float, dict[int, float]]:
         """(seconds the machine has been busy, {pid: CPU seconds} of this process tree)."""
-        hz = os.sysconf("SC_CLK_TCK")
-        children: dict[int, list[int]] = {}
-        ticks: dict[int, int] = {}
-        try:
-            with open("/proc/stat") as f:
-                user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-            for entry in os.listdir("/proc"):
-                if entry.isdigit():
-                    with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as f:
-                        fields = f.read().rsplit(")", 1)[1].split()
-                        children.setdefault(int(fields[1]), []).append(int(entry))
-                        ticks[int(entry)] = sum(map(int, fields[11:15]))  # utime stime cutime cstime
-        except OSError:
-            return 0.0, {}
-        ours, todo = {}, [os.getpid()]
-        while todo:
-            pid = todo.pop()
-            ours[pid] = ticks.get(pid, 0) / hz
-            todo.extend(children.get(pid, []))
-        return (user + nice + system + irq + softirq + steal) / hz, ours
+        busy, children, seconds = proc_table()
+        return busy, process_tree(os.getpid(), children, seconds)
+
+
+def proc_table() -> tuple[float, dict[int, list[int]], dict[int, float]]:
+    """(seconds the machine has been busy, {pid: child pids}, {pid: CPU seconds incl. reaped children})
+    from Linux /proc; (0, {}, {}) elsewhere."""
+    hz = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                    children.setdefault(int(fields[1]), []).append(int(entry))
+                    ticks[int(entry)] = sum(map(int, fields[11:15]))  # utime stime cutime cstime
+    except OSError:
+        return 0.0, {}, {}
+    return (user + nice + system + irq + softirq + steal) / hz, children, {p: t / hz for p, t in ticks.items()}
+
+
+def process_tree(root: int, children: dict[int, list[int]], seconds: dict[int, float]) -> dict[int, float]:
+    """{pid: CPU seconds} of `root` and its descendants, from a `proc_table()` reading."""
+    ours, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        ours[pid] = seconds.get(pid, 0.0)
+        todo.extend(children.get(pid, []))
+    return ours
 
 
 # ---------------------------------------------------------------- "common default" recipes on tensors

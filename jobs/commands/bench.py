@@ -1,4 +1,4 @@
-"""`selfsup bench pipeline`: parse the flags, run the benchmark engine (selfsup.jobs.bench.pipeline), print."""
+"""`selfsup bench pipeline|cluster`: parse the flags, run the benchmark engine (selfsup.jobs.bench), print."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +33,45 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--json", action="store_true", help="print one JSON object on stdout (table goes to stderr)")
     b.add_argument("--check", action="store_true", help="exit 1 when a floor is missed")
     b.set_defaults(run=run)
+
+    from selfsup.jobs.bench import cluster as cluster_engine
+
+    c = bsub.add_parser(
+        "cluster", help="samples/s and samples per CPU-second as stream nodes are added (1, 2, 3) under one "
+                        "trainer world, on a multi-node Ray cluster it starts on this machine",
+        description=(cluster_engine.__doc__ or "").split("\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = cluster_engine.ClusterBenchOptions()
+    c.add_argument("--nodes", type=int, default=d.nodes, help=f"stream nodes, added one at a time (default {d.nodes})")
+    c.add_argument("--node-cpus", type=float, default=d.node_cpus,
+                   help=f"CPUs each stream node offers (default {d.node_cpus:g})")
+    c.add_argument("--streams-per-node", type=int, default=d.streams_per_node,
+                   help=f"ShardStreams on each stream node (default {d.streams_per_node})")
+    c.add_argument("--ranks", type=int, default=d.ranks, help=f"consumer ranks of the trainer world (default {d.ranks})")
+    c.add_argument("--samples", type=int, default=d.samples, help=f"samples per epoch (default {d.samples})")
+    c.add_argument("--batch-size", type=int, default=d.batch_size, help=f"micro-batch size (default {d.batch_size})")
+    c.add_argument("--size", type=int, default=d.size, help=f"view side in pixels (default {d.size})")
+    c.add_argument("--prefetch", type=int, default=d.prefetch, help=f"requests in flight per stream (default {d.prefetch})")
+    c.add_argument("--repeats", type=int, default=d.repeats, help=f"epochs per node count; the median is kept "
+                                                                  f"(default {d.repeats})")
+    c.add_argument("--data", help="the photos folder, or a folder holding it "
+                                  "(default: $SELFSUP_DATA, /usr/share/datasets, ../shared/datasets)")
+    c.add_argument("--workdir", help="shards cache (default runs/bench/cluster)")
+    c.add_argument("--json", action="store_true", help="print one JSON object on stdout (table goes to stderr)")
+    c.set_defaults(run=run_cluster)
+
+
+def run_cluster(args: argparse.Namespace) -> int:
+    """Measure 1..--nodes stream nodes, print the table (stderr) and, with --json, the result (stdout)."""
+    from selfsup.jobs.bench.cluster import ClusterBenchOptions, bench_cluster
+
+    result = bench_cluster(ClusterBenchOptions(
+        nodes=args.nodes, node_cpus=args.node_cpus, streams_per_node=args.streams_per_node, ranks=args.ranks,
+        samples=args.samples, batch_size=args.batch_size, size=args.size, prefetch=args.prefetch,
+        repeats=args.repeats, data=args.data, workdir=args.workdir))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

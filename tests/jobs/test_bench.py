@@ -28,3 +28,12 @@ def test_bench_pipeline_image_json(tmp_path):
     for floor in result["floors"].values():
         assert floor["pass"] == (floor["value"] >= floor["floor"])
     assert "efficiency" in proc.stderr and "samples/s" in proc.stderr
+
+
+@pytest.mark.parametrize("flags, named", [(["--ranks", "3"], "--streams-per-node 2 and --ranks 3"),
+                                          (["--nodes", "0"], "--nodes"), (["--node-cpus", "0"], "--node-cpus 0.0"),
+                                          (["--samples", "16"], "--samples 16")])
+def test_bench_cluster_refuses_options_that_cannot_work_before_starting_anything(flags, named, tmp_path):
+    proc = run_cli("bench", "cluster", *flags, "--workdir", str(tmp_path / "bench"))
+    assert proc.returncode == 2 and named in proc.stderr, proc.stderr
+    assert not (tmp_path / "bench").exists()  # no shards written, no cluster started
