@@ -100,16 +100,17 @@ class World:
             ray.kill(r)
 
 
-def node_cpu(nodes: list[Any]) -> dict[str, float]:
-    """{node id: CPU seconds of its raylet's process tree so far}."""
+def node_cpu(nodes: list[Any]) -> tuple[float, float, dict[str, float]]:
+    """(seconds the machine has been busy, CPU seconds of this process tree — the driver, every node
+    and worker —, {node id: CPU seconds of its raylet's process tree}) so far."""
     from selfsup.jobs.bench.loaders import proc_table, process_tree
 
-    _, children, seconds = proc_table()
+    busy, children, seconds = proc_table()
     out = {}
     for node in nodes:
         raylet = node.all_processes["raylet"][0].process.pid
         out[node.node_id] = sum(process_tree(raylet, children, seconds).values())
-    return out
+    return busy, sum(process_tree(os.getpid(), children, seconds).values()), out
 
 
 def measure(stream_nodes: list[Any], spec: Any, opts: ClusterBenchOptions) -> dict[str, Any]:
@@ -123,17 +124,18 @@ def measure(stream_nodes: list[Any], spec: Any, opts: ClusterBenchOptions) -> di
         placed = world.stream_nodes()
         runs = []
         for _ in range(opts.repeats):
-            cpu0, t0 = node_cpu(stream_nodes), time.perf_counter()
+            (busy0, ours0, cpu0), t0 = node_cpu(stream_nodes), time.perf_counter()
             results = world.epoch()
             wall = time.perf_counter() - t0
-            cpu1 = node_cpu(stream_nodes)
+            busy1, ours1, cpu1 = node_cpu(stream_nodes)
             got = sorted(tuple(k) for r in results for k in r["keys"])
             if got != planned:
                 raise RuntimeError(f"the world received {len(got)} samples, {len(set(got))} distinct, "
                                    f"not the epoch's {len(planned)} once each")
             used = {n: cpu1[n] - cpu0[n] for n in cpu1}
             runs.append({"wall": wall, "samples": len(got), "cpu": used,
-                         "wait_s": max(r["wait_s"] for r in results)})
+                         "wait_s": max(r["wait_s"] for r in results),
+                         "other_cores": max(0.0, (busy1 - busy0) - (ours1 - ours0)) / wall})
     finally:
         world.close()
     run = sorted(runs, key=lambda r: r["wall"])[len(runs) // 2]
@@ -145,6 +147,7 @@ def measure(stream_nodes: list[Any], spec: Any, opts: ClusterBenchOptions) -> di
         "samples_per_s": round(run["samples"] / run["wall"], 1),
         "samples_per_cpu_s": round(run["samples"] / total_cpu, 1) if total_cpu else None,
         "stall_pct": round(100.0 * run["wait_s"] / run["wall"], 1),
+        "other_cores": round(run["other_cores"], 2),  # cores other programs kept busy meanwhile
         "per_node": {n[:8]: {"cpu_s": round(c, 2), "cores": round(c / run["wall"], 2)} for n, c in run["cpu"].items()},
         "runs_s": [round(r["wall"], 3) for r in runs],
     }
@@ -157,13 +160,14 @@ def table(result: dict[str, Any]) -> str:
              f"{o['ranks']} ranks on one trainer node; each stream node {o['node_cpus']} CPU, "
              f"{o['streams_per_node']} streams",
              f"{'stream nodes':>12}{'streams':>9}{'samples/s':>11}{'scaling':>9}{'per CPU-s':>11}"
-             f"{'stall %':>9}  cores per node"]
+             f"{'stall %':>9}{'others':>8}  cores per node"]
     for row in result["rows"]:
         cores = " ".join(f"{v['cores']:.2f}" for v in row["per_node"].values())
         lines.append(f"{row['nodes']:>12}{row['streams']:>9}{row['samples_per_s']:>11.1f}{row['scaling']:>9.2f}"
-                     f"{row['samples_per_cpu_s'] or 0:>11.1f}{row['stall_pct']:>9.1f}  {cores}")
-    lines.append(f"this machine: {os.cpu_count()} cores; samples/s stops growing once the nodes ask for more "
-                 "than that, samples per CPU-second is the stream nodes' own rate")
+                     f"{row['samples_per_cpu_s'] or 0:>11.1f}{row['stall_pct']:>9.1f}{row['other_cores']:>8.2f}  {cores}")
+    lines.append(f"this machine: {os.cpu_count()} cores, of which `others` were kept busy by other programs; "
+                 "samples/s stops growing once the nodes ask for more cores than are free, samples per "
+                 "CPU-second is the stream nodes' own rate")
     return "\n".join(lines)
 
 

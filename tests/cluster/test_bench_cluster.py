@@ -25,6 +25,7 @@ def test_bench_cluster_rows_per_node_count(tmp_path, capfd):
         assert len(r["per_node"]) == r["nodes"] and all(v["cpu_s"] > 0 for v in r["per_node"].values())
         assert list(r["streams_per_node"].values()) == [2] * r["nodes"]  # balanced over the stream nodes
         assert r["samples_per_s"] > 0 and r["samples_per_cpu_s"] > 0 and 0 <= r["stall_pct"] <= 100
+        assert r["other_cores"] >= 0
     assert rows[0]["scaling"] == 1.0
     assert rows[1]["scaling"] == pytest.approx(rows[1]["samples_per_s"] / rows[0]["samples_per_s"], abs=0.01)
     assert "stream nodes" in proc.stderr and "per CPU-s" in proc.stderr
