@@ -155,6 +155,7 @@ def safetensors_format(encoder: nn.Module, meta: Mapping[str, Any], x: torch.Ten
 def timm_format(encoder: nn.Module, meta: Mapping[str, Any], x: torch.Tensor) -> Artifact:
     """model.safetensors under timm's names + timm's hub config (local-dir: loads it); checked in timm."""
     import timm
+    from timm.models import get_pretrained_cfg_value
 
     layout = timm_layout(encoder, str(meta["backbone"]), meta.get("backbone_args") or {},
                          str(meta.get("modality", "image")))
@@ -169,9 +170,24 @@ def timm_format(encoder: nn.Module, meta: Mapping[str, Any], x: torch.Tensor) ->
     hub = {"architecture": layout.architecture, "num_classes": 0, "num_features": int(getattr(encoder, "out_dim")),
            "model_args": layout.model_args,
            "pretrained_cfg": {"input_size": list(x.shape[1:]), "mean": mean, "std": std, "num_classes": 0,
-                              "fixed_input_size": "img_size" in layout.model_args, "crop_pct": 1.0,
+                              "fixed_input_size": bool(get_pretrained_cfg_value(layout.architecture,
+                                                                                "fixed_input_size")),
+                              "crop_pct": 1.0,
                               "interpolation": "bilinear"}}
     return Artifact({"model.safetensors": data}, hub, features)
+
+
+@contextlib.contextmanager
+def exporter_errors(fmt: str, meta: Mapping[str, Any]) -> Iterator[None]:
+    """A tracer's or exporter's failure as a ValueError naming the format and the backbone."""
+    try:
+        yield
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tracers and exporters raise many types
+        raise ValueError(f"--format {fmt} cannot export backbone {meta.get('backbone')!r} ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}); try another "
+                         f"format: {', '.join(FORMATS.names())}") from None
 
 
 @contextlib.contextmanager
@@ -187,7 +203,7 @@ def jit_quiet() -> Iterator[None]:
 @FORMATS.register("torchscript")
 def torchscript_format(encoder: nn.Module, meta: Mapping[str, Any], x: torch.Tensor) -> Artifact:
     """model.torchscript.pt: the encoder traced on a batch of the eval input; checked by torch.jit.load."""
-    with jit_quiet():
+    with jit_quiet(), exporter_errors("torchscript", meta):
         traced = torch.jit.trace(encoder, x, check_trace=False)
         buf = io.BytesIO()
         torch.jit.save(traced, buf)
@@ -229,7 +245,8 @@ def onnx_format(encoder: nn.Module, meta: Mapping[str, Any], x: torch.Tensor) ->
     require("onnx", "onnxscript", "onnxruntime")
     import onnxruntime
 
-    with tempfile.TemporaryDirectory(prefix="selfsup-onnx-") as tmp, quiet_exporter():
+    with tempfile.TemporaryDirectory(prefix="selfsup-onnx-") as tmp, quiet_exporter(), \
+            exporter_errors("onnx", meta):
         program = torch.onnx.export(encoder, (x,), dynamo=True, input_names=["input"], output_names=["features"],
                                     dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
         if program is None:

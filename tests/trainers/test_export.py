@@ -20,7 +20,7 @@ from selfsup.trainers import load_encoder
 from selfsup.trainers.backbones import backbone_from_spec, make_backbone
 from selfsup.trainers.backbones.timm_layout import timm_layout
 from selfsup.jobs.commands import export as export_command
-from selfsup.trainers.export import FORMATS, TOLERANCE, export_checkpoint
+from selfsup.trainers.export import FORMATS, TOLERANCE, export_checkpoint, require
 from selfsup.trainers.inputs import IMAGENET, eval_sample, normalize_uint8
 from tests.conftest import tiny_pretrain
 
@@ -195,3 +195,10 @@ def test_bad_names_are_refused(vit_run: str, tmp_path: Path, capsys: pytest.Capt
     assert set(export_command.FORMATS) == set(FORMATS.names())  # the help lists what the engine has
     with pytest.raises(ValueError, match="unknown timm model 'resnet1'; close: resnet18"):
         make_backbone("timm:resnet1")
+
+
+def test_a_missing_onnx_dependency_names_the_extra_to_install() -> None:
+    require("onnx")  # installed by the `export` extra (make test installs it)
+    with pytest.raises(ValueError, match=r"--format onnx needs selfsup_absent_module \(not installed\): "
+                                         r"pip install 'selfsup\[export\]'"):
+        require("onnx", "selfsup_absent_module")
