@@ -22,6 +22,7 @@ COMMANDS = {
     "submit": "selfsup.jobs.commands.submit",
     "jobs": "selfsup.jobs.commands.jobs",
     "retrain": "selfsup.jobs.commands.retrain",
+    "export": "selfsup.jobs.commands.export",
 }
 
 

@@ -32,6 +32,7 @@ if not os.path.isdir(os.path.join(_here, "pipeline")) and all(
 # public name → module that defines it
 _API = {
     "load_encoder": "selfsup.trainers.encoder",
+    "export_checkpoint": "selfsup.trainers.export",
     "PretrainConfig": "selfsup.trainers.config",
     "load_config": "selfsup.pipeline.config",
     "BatchFeed": "selfsup.pipeline.feed",

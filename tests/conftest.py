@@ -239,3 +239,34 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return Installed(wheel, site)
+
+
+# ---------------------------------------------------------------- tiny pretraining runs
+
+
+@pytest.fixture(scope="session")
+def tiny_fmnist(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Fashion-MNIST shards: 32 pretrain images, 20 probe-train and 20 probe-test (written once)."""
+    from selfsup.jobs.cli import main
+
+    dest = str(tmp_path_factory.mktemp("tiny-fmnist") / "fm")
+    for split, extra in [("pretrain", ["--limit", "32"]), ("probe-train", ["--limit", "20"]),
+                         ("probe-test", ["--limit", "20", "--subset", "test"])]:
+        code = main(["shards", "write", str(FMNIST), dest, "--modality", "image", "--split", split, *extra,
+                     "--samples-per-shard", "16", "--workers", "1", "--quiet"])
+        assert code == 0, split
+    return dest
+
+
+def tiny_pretrain(run: Path, data: str, config: str, *overrides: str) -> str:
+    """Pretrain `config` (YAML text: objective and modality) on `data` in this process, inline batches of 8;
+    returns the run folder."""
+    from selfsup.jobs.cli import main
+
+    path = run.parent / f"{run.name}.yaml"
+    path.write_text(config)
+    code = main(["pretrain", str(path), f"run={run}", f"data.sources=[{{url: {data}, split: pretrain}}]",
+                 "data.batch_size=8", "data.mix=2", "data.streams=1", "data.backend=inline", "train.log_every=1",
+                 "train.warmup_steps=0", *overrides, "--no-ray", "--quiet"])
+    assert code == 0
+    return str(run)

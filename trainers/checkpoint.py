@@ -2,8 +2,8 @@
 
 meta.json is written last, after the other files are fully in storage: a checkpoint folder
 without it is incomplete and ignored. Everything is loaded with `weights_only=True`.
-Retention keeps the last K complete checkpoints, the promoted one, and (by default) any that
-evaluation has not marked yet (`evaluated.json` in the checkpoint folder).
+Retention keeps the last K complete checkpoints and the promoted one; with `keep_unevaluated` (off by
+default) also any that evaluation has not marked yet (`evaluated.json` in the checkpoint folder).
 """
 from __future__ import annotations
 
@@ -157,21 +157,31 @@ def is_evaluated(ckpt: str, options: Optional[Mapping[str, Any]] = None) -> bool
 
 
 def prune(run: str, keep: int, keep_unevaluated: bool, options: Optional[Mapping[str, Any]] = None) -> list[str]:
-    """Delete checkpoints outside the retention rule; returns the deleted URLs."""
+    """Delete checkpoints outside the retention rule; returns the deleted URLs.
+
+    Kept: the last `keep` complete ones, the promoted one, the newest, and with `keep_unevaluated` every
+    complete one evaluation has not marked. Nothing marks checkpoints without an evaluator, so that
+    keeps them all: a warning says so while no checkpoint of the run has been evaluated.
+    """
     complete = list_checkpoints(run, options)
     if not complete:
         return []
     newest = complete[-1][0]
     kept = {s for s, _ in complete[-keep:]}
     promoted = promoted_step(run, options)
-    deleted = []
+    deleted, held = [], []
     for step, url in list_checkpoints(run, options, complete_only=False):
         if step in kept or step == promoted or step >= newest:
             continue
         if step in dict(complete) and keep_unevaluated and not is_evaluated(url, options):
+            held.append(url)
             continue
         storage.delete(url, recursive=True, options=options)
         deleted.append(url)
+    if held and not any(is_evaluated(url, options) for step, url in complete if step in kept):
+        log.warning("retention: %d older checkpoint(s) kept only because no evaluation has marked them "
+                    "(train.keep_unevaluated=true); without `selfsup evaluate RUN --watch` every checkpoint "
+                    "stays: set train.keep_unevaluated=false to keep the last %d", len(held), keep)
     return deleted
 
 

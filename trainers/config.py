@@ -67,8 +67,10 @@ class TrainConfig:
     bf16: bool = True              # autocast on GPU (CPU always runs fp32)
     log_every: int = 10
     ckpt_every: int = 200
-    keep: int = 3                  # complete checkpoints kept (plus promoted and unevaluated ones)
-    keep_unevaluated: bool = True
+    keep: int = 3                  # complete checkpoints kept (plus the promoted one)
+    # also keep every checkpoint no evaluation has marked yet: for runs with `selfsup evaluate --watch`
+    # beside them; without an evaluator nothing is marked and no checkpoint is ever deleted
+    keep_unevaluated: bool = False
     collapse_threshold: float = 0.05  # warn when the embedding spread falls below this
     time_limit_minutes: Optional[float] = None  # stop (checkpointed) once this much training time has passed
     # with time_limit_minutes: fit the LR/EMA schedule to the time (it anneals fully when time is up;

@@ -31,18 +31,44 @@ def to_channels_first(x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"uint8 media must be [B, H, W, C] or [B, T, H, W, C], got shape {tuple(x.shape)}")
 
 
+def channel_norm(channels: int, mean: Optional[Sequence[float]],
+                 std: Optional[Sequence[float]]) -> tuple[Sequence[float], Sequence[float]]:
+    """The (mean, std) applied to media of `channels` channels: data.mean/std, else `default_norm`."""
+    if mean is None or std is None:
+        mean, std = default_norm(channels)
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"data.mean/std have {len(mean)}/{len(std)} values but the media have {channels} channels")
+    return mean, std
+
+
 def normalize_uint8(x: torch.Tensor, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]) -> torch.Tensor:
     """uint8 channels-last media → float channels-first, scaled and normalized."""
     x = to_channels_first(x).float().div_(255.0)
     c = x.shape[1]
-    if mean is None or std is None:
-        mean, std = default_norm(c)
-    if len(mean) != c or len(std) != c:
-        raise ValueError(f"data.mean/std have {len(mean)}/{len(std)} values but the media have {c} channels")
+    mean, std = channel_norm(c, mean, std)
     shape = (1, c) + (1,) * (x.ndim - 2)
     m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(shape)
     s = torch.tensor(std, device=x.device, dtype=x.dtype).view(shape)
     return (x - m) / s
+
+
+def eval_sample(modality: str, modality_args: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A blank eval-mode sample of the modality: the fields, shapes and dtypes evaluation feeds the encoder."""
+    from selfsup.pipeline.modalities import make_modality
+
+    return make_modality(modality, **dict(modality_args)).blank(train=False)
+
+
+def applied_norm(sample: Mapping[str, Any], mean: Optional[Sequence[float]],
+                 std: Optional[Sequence[float]]) -> tuple[Optional[list[float]], Optional[list[float]]]:
+    """The per-channel (mean, std) `to_device` applies to the sample's uint8 media; (None, None) when it
+    has none (audio arrives as float and is not normalized)."""
+    for name in MEDIA_FIELDS:
+        value = sample.get(name)
+        if isinstance(value, np.ndarray) and value.dtype == np.uint8:
+            m, s = channel_norm(value.shape[-1], mean, std)
+            return [float(v) for v in m], [float(v) for v in s]
+    return None, None
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device, mean: Optional[Sequence[float]] = None,

@@ -30,7 +30,7 @@ from selfsup.pipeline.snapshot import load_snapshot
 from selfsup.trainers import checkpoint as ck
 from selfsup.trainers import run_folder
 from selfsup.trainers.config import PretrainConfig, config_digest
-from selfsup.trainers.inputs import to_device
+from selfsup.trainers.inputs import applied_norm, eval_sample, to_device
 from selfsup.trainers.objectives import Objective, make_objective
 from selfsup.trainers.objectives.base import as_module
 from selfsup.trainers.optim import build_optimizer, lr_at, set_lr
@@ -351,10 +351,12 @@ def _checkpoint(cfg: PretrainConfig, rank: int, world: int, core: Objective, opt
 
 def checkpoint_meta(cfg: PretrainConfig, core: Objective, step: int, world: int,
                     position: Mapping[str, int]) -> dict[str, Any]:
-    """meta.json: how to rebuild the encoder and what produced it."""
+    """meta.json: how to rebuild the encoder and what produced it (mean/std: the normalization the
+    sample path applied, data.mean/std or the default for the media's channels; null for audio)."""
+    mean, std = applied_norm(eval_sample(cfg.data.modality, cfg.data.modality_args), cfg.data.mean, cfg.data.std)
     return {"step": step, **core.encoder_spec(), "objective": cfg.objective.name,
             "objective_args": dict(cfg.objective.args), "modality": cfg.data.modality,
-            "modality_args": dict(cfg.data.modality_args), "mean": cfg.data.mean, "std": cfg.data.std,
+            "modality_args": dict(cfg.data.modality_args), "mean": mean, "std": std,
             "config_digest": config_digest(cfg), "versions": ck.library_versions(), "world_size": world,
             "data_position": dict(position), "config": to_dict(cfg)}
 

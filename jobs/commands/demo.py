@@ -151,7 +151,9 @@ def run(args: argparse.Namespace) -> int:
         if folder != plan.folder:
             eval_sets.append(f"{folder}={args.out}/data/{folder}")
     run_dir = f"{args.out}/{plan.config.replace('/', '_')}" + ("_quick" if args.quick else "")
-    overrides = [f"run={run_dir}", f"data.sources=[{{url: {data}, split: pretrain}}]", *plan.overrides]
+    # the evaluation below runs after pretraining: keep every checkpoint until it has been evaluated
+    overrides = [f"run={run_dir}", f"data.sources=[{{url: {data}, split: pretrain}}]", "train.keep_unevaluated=true",
+                 *plan.overrides]
     if budget:
         left = budget - (time.time() - t0) / 60 - plan.eval_minutes
         if left <= 1:

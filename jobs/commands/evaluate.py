@@ -26,7 +26,8 @@ def add_parser(sub: Any) -> None:
                                                    "(e.g. motion) (default cls)")
     p.add_argument("--watch", action="store_true",
                    help="evaluate each new checkpoint once until the run's status.json says finished, stopped "
-                        "or failed")
+                        "or failed (train the run with train.keep_unevaluated=true, or retention may delete a "
+                        "checkpoint before it is evaluated)")
     p.add_argument("--poll", type=float, default=10.0, help="seconds between checks with --watch (default 10)")
     p.add_argument("--no-baselines", action="store_true", help="skip the random-init and raw baselines")
     p.add_argument("--workers", type=int, default=2, help="feature-extraction actors (default 2)")

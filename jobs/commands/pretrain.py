@@ -24,7 +24,10 @@ def add_parser(sub: Any) -> None:
                                    "one otherwise). CONFIG is a YAML file (see jobs/configs/); key=value "
                                    "overrides win, e.g. train.steps=200 scaling.num_workers=2 run=s3://b/runs/x.",
                        epilog="Checkpoints land in RUN/checkpoints/step-N/ (state.pt, encoder.pt, meta.json); "
-                              "metrics in RUN/metrics.jsonl; state in RUN/status.json.")
+                              "the last train.keep (3) and the promoted one are kept, older ones deleted; with "
+                              "train.keep_unevaluated=true (for `selfsup evaluate --watch` beside the run) also every "
+                              "one not yet evaluated, which without an evaluator is every one. Metrics in "
+                              "RUN/metrics.jsonl; state in RUN/status.json.")
     p.add_argument("config", metavar="CONFIG", help="YAML config (path or URL)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4")
     p.add_argument("--resume", action="store_true",

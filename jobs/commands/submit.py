@@ -42,7 +42,8 @@ def add_submit_args(p: argparse.ArgumentParser, kind: str) -> None:
     if kind == "pretrain":
         p.add_argument("--with-eval", action="append", default=[], metavar="NAME=TRAIN_URL[,TEST_URL]",
                        help="also submit `selfsup evaluate RUN --watch --eval-set ...` as its own job beside "
-                            "the training job")
+                            "the training job (which then keeps every checkpoint until it is evaluated: "
+                            "train.keep_unevaluated=true)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     for name, value in vars(extra).items():
         if value not in (None, False, []):
             setattr(args, name, value)
+    if getattr(args, "with_eval", None):  # an evaluator beside the run: keep checkpoints until it marks them
+        forwarded = [*forwarded, "train.keep_unevaluated=true"]
     job = plan_job(kind, args.target, forwarded)
     client = connect(args.address, args.auth_token_file)
     warn_local_paths(job, resolve_address(args.address))

@@ -31,7 +31,7 @@ CLUSTER_YAMLS = {"aws": INFRA / "aws" / "cluster.yaml", "gcp": INFRA / "gcp" / "
 
 # The selfsup CLI's subcommands (jobs/cli.py).
 SUBCOMMANDS = {
-    "pretrain", "evaluate", "retrain", "submit", "shards", "runs", "demo", "bench", "jobs"
+    "pretrain", "evaluate", "retrain", "submit", "shards", "runs", "demo", "bench", "jobs", "export"
 }
 
 # Every document of every manifest, in order: (apiVersion, kind).

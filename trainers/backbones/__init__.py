@@ -15,6 +15,11 @@ from torch import nn
 from selfsup.pipeline.registry import Registry
 
 BACKBONES: Registry[Callable[..., nn.Module]] = Registry("backbone")
+# Families of backbones named `<family>:<model>` (`timm:resnet18`): family → (model name → builder).
+FAMILIES: Registry[Callable[[str], Callable[..., nn.Module]]] = Registry("backbone family")
+# Arguments that only initialise a new model (a weights file): a checkpoint's own weights replace them,
+# so a model rebuilt from a checkpoint's meta.json never reads them.
+INIT_ONLY_ARGS = ("weights",)
 MAX_PARAMETERS = 2 * 10**9  # parameters and buffers a backbone may hold (8 GB of float32; ViT-g has 1.0e9)
 MAX_ARG_VALUE = 2**16       # any number in backbone_args: widths, sizes, patch and kernel sizes
 MAX_LAYERS = 256            # an argument counting layers: each costs Python objects and time to build
@@ -38,6 +43,17 @@ def prefixed(where: str, message: str) -> str:
     return f"{where}: {message}" if where else message
 
 
+def backbone_builder(name: str) -> Callable[..., nn.Module]:
+    """The builder of backbone `name`: a registered name, or `<family>:<model>` of a family (`timm:resnet18`)."""
+    family, sep, model = name.partition(":")
+    if not sep:
+        try:
+            return BACKBONES.get(name)
+        except ValueError as e:
+            raise ValueError(f"{e}; or a family's model: {', '.join(f + ':<name>' for f in FAMILIES)}") from None
+    return FAMILIES.get(family)(model)
+
+
 def check_backbone(name: str, args: Mapping[str, Any], where: str = "") -> None:
     """Refuse, before anything is allocated, a backbone unknown or too large to build.
 
@@ -46,7 +62,7 @@ def check_backbone(name: str, args: Mapping[str, Any], where: str = "") -> None:
     (ValueError, or the backbone's own TypeError for an unknown argument) name `where` and the field.
     """
     try:
-        build = BACKBONES.get(name)
+        build = backbone_builder(name)
     except ValueError as e:
         raise ValueError(prefixed(where, str(e))) from None
     for path, value in arg_numbers(dict(args), "backbone_args"):
@@ -76,22 +92,25 @@ def check_backbone(name: str, args: Mapping[str, Any], where: str = "") -> None:
 def make_backbone(name: str, **args: Any) -> nn.Module:
     """Build the backbone registered as `name` from its keyword arguments, once `check_backbone` passes."""
     check_backbone(name, args)
-    return BACKBONES.get(name)(**args)
+    return backbone_builder(name)(**args)
 
 
 def backbone_from_spec(spec: Mapping[str, Any], where: str = "") -> nn.Module:
     """Rebuild a backbone from an objective's `encoder_spec()` ({"backbone", "backbone_args"}).
 
     `where` (a checkpoint's meta.json) starts every error message, as the spec may come from a file.
+    INIT_ONLY_ARGS are left out: the weights come from the checkpoint (or stay a random init).
     """
     name, args = spec.get("backbone"), spec.get("backbone_args") or {}
     if not isinstance(name, str) or not isinstance(args, Mapping):
         raise ValueError(prefixed(where, f"backbone must be a name and backbone_args an object, got {name!r} "
                                          f"and {type(args).__name__}"))
+    args = {k: v for k, v in args.items() if k not in INIT_ONLY_ARGS}
     check_backbone(name, args, where)
-    return BACKBONES.get(name)(**args)
+    return backbone_builder(name)(**args)
 
 
-from selfsup.trainers.backbones import cnn, resnet, vit, audio, video, wav2vec2  # noqa: E402,F401
+from selfsup.trainers.backbones import cnn, resnet, vit, audio, video, wav2vec2, timm_models, timm_layout  # noqa: E402,F401,E501
 
-__all__ = ["BACKBONES", "MAX_PARAMETERS", "backbone_from_spec", "check_backbone", "make_backbone"]
+__all__ = ["BACKBONES", "FAMILIES", "MAX_PARAMETERS", "backbone_builder", "backbone_from_spec", "check_backbone",
+           "make_backbone"]

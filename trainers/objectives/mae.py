@@ -12,7 +12,7 @@ from typing import Any, Optional, cast
 import torch
 from torch import nn
 
-from selfsup.trainers.backbones import BACKBONES, make_backbone
+from selfsup.trainers.backbones import backbone_builder, make_backbone
 from selfsup.trainers.backbones.tokenizers import sincos_pos_embed
 from selfsup.trainers.backbones.vit import ViTBackbone, keep_indices, transformer_blocks
 from selfsup.trainers.objectives import OBJECTIVES
@@ -95,7 +95,7 @@ class MAEObjective(nn.Module):
         self.modality, self.mask_ratio, self.norm_pix_loss = modality, ratio, bool(norm_pix_loss)
         self.needs: tuple[str, ...] = (INPUT_FIELD[modality], "mask")
         self.backbone_name, self.backbone_args = backbone, args
-        if "modality" not in inspect.signature(BACKBONES.get(backbone)).parameters:
+        if "modality" not in inspect.signature(backbone_builder(backbone)).parameters:
             raise ValueError(f"mae needs a token backbone taking `modality` (a vit_* one); {backbone!r} is not one")
         self.backbone = cast(ViTBackbone, make_backbone(backbone, **args))  # duck-typed: any token backbone
         tok = self.backbone.tokenizer
