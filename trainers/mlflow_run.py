@@ -8,6 +8,7 @@ credential-named or credential-shaped values are dropped or masked as in config.
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -18,6 +19,7 @@ from selfsup.trainers import checkpoint as ck
 from selfsup.trainers import run_folder
 from selfsup.trainers.tbevents import train_scalars
 
+log = logging.getLogger(__name__)
 EXTRA = "pip install 'selfsup[mlflow]'"
 NOT_PARAMS = ("storage", "cluster.env")  # fsspec options and environment: never tracked, secret or not
 MAX_PARAM = 6000  # MLflow's limit on a param value
@@ -55,15 +57,20 @@ class MlflowSink:
                  options: Optional[Mapping[str, Any]] = None) -> None:
         require_mlflow(uri)
         from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
 
         self.run, self.options = run, options
         self.client = MlflowClient(tracking_uri=uri)
         self.last_checkpoint: Optional[str] = None
         known = run_folder.read_mlflow_run(run, options)
         if known is not None:
-            self.run_id = known
-            self.client.update_run(known, status="RUNNING")
-            return
+            try:
+                self.client.update_run(known, status="RUNNING")
+                self.run_id = known
+                return
+            except MlflowException as e:  # e.g. another tracking server than the run's first session used
+                log.warning("MLflow run %s of %s cannot be continued (%s); starting a new one", known,
+                            storage.redact_url(run), str(e).splitlines()[0][:200])
         found = self.client.get_experiment_by_name(experiment)
         exp_id = found.experiment_id if found is not None else self.client.create_experiment(experiment)
         name = storage.redact_url(run).rstrip("/").rsplit("/", 1)[-1]

@@ -136,7 +136,9 @@ class MetricsRecorder:
     def _wait(self, kind: str, failed: bool = False) -> None:
         done = threading.Event()
         self._queue.put((kind, (done, failed)))
-        done.wait()
+        while not done.wait(1.0):
+            if not self._thread.is_alive():
+                raise RuntimeError("the metrics writer thread ended unexpectedly; metrics may be missing")
 
     def _raise(self) -> None:
         error, self._error = self._error, None
