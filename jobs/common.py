@@ -36,6 +36,11 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def in_submitted_job() -> bool:
+    """Whether this process is the driver of a job submitted through the Ray Jobs API."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by Ray's job supervisor for the entrypoint
+
+
 def ensure_ray(address: Optional[str] = None, local_cpus: float = 4) -> None:
     """Connect to --address / $RAY_ADDRESS, or start a local Ray with at least `local_cpus` logical CPUs."""
     import ray
@@ -43,8 +48,8 @@ def ensure_ray(address: Optional[str] = None, local_cpus: float = 4) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
+    if address:  # a submitted job's log is its driver's output: there, the workers' output joins it
+        ray.init(address=address, log_to_driver=in_submitted_job())
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(num_cpus=max(os.cpu_count() or 1, int(local_cpus + 0.999)), include_dashboard=False,

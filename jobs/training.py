@@ -29,6 +29,7 @@ from selfsup.pipeline import storage
 from selfsup.pipeline.config import to_dict
 from selfsup.trainers import run_folder as rf
 from selfsup.trainers.config import PretrainConfig
+from selfsup.trainers.mlflow_run import require_mlflow
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ class TrainResult:
 def train(cfg: PretrainConfig, options: TrainOptions = TrainOptions()) -> TrainResult:
     """Prepare the run folder, train, and mark the run; a failure marks it failed and is raised again."""
     cfg = dataclasses.replace(cfg, run=storage.full_url(cfg.run))  # workers run in other folders
+    if cfg.train.mlflow_uri:  # before anything starts: the extra is missing here, so on the workers too
+        require_mlflow(cfg.train.mlflow_uri)
     if not options.use_ray:
         cfg = local_config(cfg)
     storage.check_writable(cfg.run, cfg.storage_options)

@@ -1,4 +1,11 @@
-"""Shared fixtures: real data from ../shared/datasets, an S3 API on moto_server, one local Ray cluster."""
+"""Shared fixtures: real data found as `make demo` finds it, an S3 API on moto_server, one local Ray cluster.
+
+Data sets are looked up as selfsup.jobs.data does (`pytest --data PATH`, $SELFSUP_DATA,
+/usr/share/datasets, ../shared/datasets). A test that reaches a missing one (in its own code, its
+fixtures, the helpers and module constants they use, or its parameters) is skipped with one line
+naming the data set, where it was looked for and how to get it; with every data set present,
+nothing is skipped.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -11,18 +18,99 @@ import sys
 import sysconfig
 import tarfile
 import time
+import types
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pytest
 
+from selfsup.jobs.data import find_dataset, missing_line
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
-FMNIST = SHARED / "fashion-mnist"
-FSDD = SHARED / "fsdd" / "recordings"
-VIDEO = SHARED / "video"
-PHOTOS = SHARED / "photos"
+# data set → (the constant tests use, where it is expected when nothing finds it)
+EXPECTED = {"fashion-mnist": ("FMNIST", SHARED / "fashion-mnist"), "fsdd": ("FSDD", SHARED / "fsdd" / "recordings"),
+            "video": ("VIDEO", SHARED / "video"), "photos": ("PHOTOS", SHARED / "photos")}
+MISSING: dict[Path, str] = {}  # a missing data set's path → its skip line
+
+
+def find_test_data(data: str | None = None) -> dict[str, Path]:
+    """The constant name → folder of each data set (found, or expected), as `make demo` finds data;
+    fills MISSING."""
+    MISSING.clear()
+    out = {}
+    for name, (const, expected) in EXPECTED.items():
+        found = find_dataset(name, data)
+        if found is None:
+            MISSING[expected] = missing_line(name, data)
+        out[const] = found or expected
+    return out
+
+
+FOUND = find_test_data()
+FMNIST, FSDD, VIDEO, PHOTOS = FOUND["FMNIST"], FOUND["FSDD"], FOUND["VIDEO"], FOUND["PHOTOS"]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--data", metavar="PATH", help="where the test data sets are (before $SELFSUP_DATA, "
+                                                    "/usr/share/datasets, ../shared/datasets)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--data", None):  # test modules import the constants after this
+        globals().update(find_test_data(config.getoption("--data")))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip each test that reaches a missing data set, with one line saying which and how to get it."""
+    if not MISSING:
+        return
+    for item in items:
+        lines = sorted({MISSING[p] for p in _paths_reached(item) if p in MISSING})
+        if lines:
+            item.add_marker(pytest.mark.skip(reason=" | ".join(lines)))
+
+
+def _paths_reached(item: pytest.Item) -> set[Path]:
+    """Paths a test reaches: through its function and fixtures (and the functions and module constants
+    their code names, a few levels deep) and its parameters."""
+    found: set[Path] = set()
+    seen: set[int] = set()
+    funcs = [getattr(item, "function", None)]
+    funcs += [d.func for defs in getattr(item, "_fixtureinfo").name2fixturedefs.values() for d in defs]
+    for f in funcs:
+        _reach(f, found, seen, 4)
+    for value in getattr(getattr(item, "callspec", None), "params", {}).values():
+        _reach(value, found, seen, 2)
+    return found
+
+
+def _reach(value: Any, found: set[Path], seen: set[int], depth: int) -> None:
+    if depth < 0 or id(value) in seen:
+        return
+    seen.add(id(value))
+    if isinstance(value, (Path, str)):
+        found.add(Path(value))
+    elif isinstance(value, dict):
+        for v in value.values():
+            _reach(v, found, seen, depth - 1)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _reach(v, found, seen, depth - 1)
+    elif isinstance(value, types.FunctionType):
+        for name in _code_names(value.__code__):
+            if name in value.__globals__:
+                _reach(value.__globals__[name], found, seen, depth - 1)
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    """Global names a code object (and the functions nested in it) refers to."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -270,3 +358,53 @@ def tiny_pretrain(run: Path, data: str, config: str, *overrides: str) -> str:
                  "train.warmup_steps=0", *overrides, "--no-ray", "--quiet"])
     assert code == 0
     return str(run)
+
+
+# ---------------------------------------------------------------- what a run leaves
+
+
+def leaks(folder: Path, secrets: Sequence[str]) -> dict[str, list[str]]:
+    """file → the `secrets` found in its bytes, for every file under `folder`."""
+    out = {}
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            if not (Path(dirpath) / name).is_file():  # sockets, fifos
+                continue
+            data = (Path(dirpath) / name).read_bytes()
+            found = [s for s in secrets if s.encode() in data]
+            if found:
+                out[str(Path(dirpath) / name)] = found
+    return out
+
+
+
+def read_tb_scalars(folder: str, options: dict | None = None) -> dict[str, list[tuple[int, float]]]:
+    """tag → [(step, value)] of every event file in `folder` (any storage URL), read as TensorBoard
+    reads them: TFRecord framing (length, its CRC, the record, its CRC) around Event protos."""
+    import struct
+
+    from tensorboardX.crc32c import crc32c
+    from tensorboardX.proto.event_pb2 import Event
+
+    from selfsup.pipeline import storage
+
+    def masked(data: bytes) -> int:  # TFRecord's masked CRC-32C
+        crc = crc32c(data)
+        return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for url in sorted(storage.listdir(folder, options)):
+        if "tfevents" not in url.rsplit("/", 1)[-1]:
+            continue
+        data, pos = storage.read_bytes(url, options=options), 0
+        while pos < len(data):
+            header = data[pos:pos + 8]
+            (length,) = struct.unpack("<Q", header)
+            assert struct.unpack("<I", data[pos + 8:pos + 12])[0] == masked(header), f"{url}: bad length CRC"
+            record = data[pos + 12:pos + 12 + length]
+            assert struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])[0] == masked(record), url
+            pos += 16 + length
+            event = Event.FromString(record)
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out

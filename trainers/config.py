@@ -16,6 +16,7 @@ from selfsup.pipeline.snapshot import SourceSpec
 
 OPTIMIZERS = ("adamw", "lars")
 FEED_BACKENDS = ("ray", "local", "inline")
+TRACKING = ("tensorboard", "mlflow_uri", "mlflow_experiment")  # train.* keys that only say where metrics go
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,10 @@ class TrainConfig:
     # the run is finished there, `steps` becomes an upper bound) instead of being cut off mid-schedule
     time_schedule: bool = False
     init_from: Optional[str] = None   # warm start: model weights of this checkpoint at step 0 (fresh optimizer/LR)
+    # TensorBoard event files under <run>/tb/ (scalars only, a few KB per flush, written off the step)
+    tensorboard: bool = True
+    mlflow_uri: Optional[str] = None  # MLflow tracking URI (needs `pip install 'selfsup[mlflow]'`)
+    mlflow_experiment: str = "selfsup"
 
 
 @dataclass(frozen=True)
@@ -167,4 +172,6 @@ def config_digest(cfg: PretrainConfig) -> str:
     data.pop("run", None)
     data.pop("cluster", None)  # where and how a run is scheduled does not decide the model
     data.pop("retrain", None)
+    for key in TRACKING:  # where metrics are shown does not decide the model either
+        data["train"].pop(key, None)
     return hashlib.blake2b(json.dumps(data, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()

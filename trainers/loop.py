@@ -33,7 +33,9 @@ from selfsup.trainers.config import PretrainConfig, config_digest
 from selfsup.trainers.inputs import applied_norm, eval_sample, to_device
 from selfsup.trainers.objectives import Objective, make_objective
 from selfsup.trainers.objectives.base import as_module
+from selfsup.trainers.mlflow_run import MlflowSink
 from selfsup.trainers.optim import build_optimizer, lr_at, set_lr
+from selfsup.trainers.recorder import MetricsRecorder, RunFolderSink, Sink, TensorBoardSink
 from selfsup.trainers.reporting import LocalReporter, RayReporter, Reporter
 
 log = logging.getLogger(__name__)
@@ -46,11 +48,23 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
     import ray.train
 
     ctx = ray.train.get_context()
+    show_logs()
     whole = config.get("cfg_with_secrets")
     cfg = from_dict(PretrainConfig, ray.get(whole) if whole is not None else config["cfg"])
     reporter = RayReporter(cfg.run, cfg.storage_options)
     run_training(cfg, ctx.get_world_rank(), ctx.get_world_size(), reporter, config.get("resume_from"),
                  config.get("stop_after"), bool(config.get("new_plan")), config.get("lease"))
+
+
+def show_logs() -> None:
+    """selfsup's INFO lines on a Ray worker's stderr (its log file; a submitted job's log too): Ray
+    configures only its own loggers there."""
+    logger = logging.getLogger("selfsup")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def build_objective(cfg: PretrainConfig) -> Objective:
@@ -96,23 +110,45 @@ def run_training(cfg: PretrainConfig, rank: int, world: int, reporter: Reporter,
     t = cfg.train
     optimizer = build_optimizer(t.optimizer, core.param_groups(t.weight_decay), t.lr, t.weight_decay,
                                 tuple(t.betas), t.momentum)
-    feed = BatchFeed(feed_spec(cfg, core), rank, world, cfg.data.streams, cfg.data.prefetch, cfg.data.backend,
-                     cfg.data.stream_cpus, cfg.data.stream_resources or None,
-                     quarantine_url=run_folder.quarantine_url(cfg.run), max_deaths=cfg.data.max_worker_deaths)
-    step = restore(reporter.restore_point() or resume_from, core, optimizer, feed, opts, rank)
-    if new_plan and resume_from and step == int(ck.read_meta(resume_from, opts)["step"]):  # not a later
-        # checkpoint of this session (Ray Train restarting the workers): those are under the new plan
-        position = feed.state_dict()
-        feed.load_state_dict({"epoch": position["epoch"] + (1 if position["consumed"] else 0), "consumed": 0})
-        log.info("rank %d: new data plan, starting at epoch %d", rank, feed.state_dict()["epoch"])
-    if step == 0 and cfg.train.init_from:
-        warm_start(cfg.train.init_from, core, opts, rank)
+    recorder = open_recorder(cfg) if rank == 0 else None  # metrics go to storage off the step, from rank 0
+    feed: Optional[BatchFeed] = None
     try:
+        feed = BatchFeed(feed_spec(cfg, core), rank, world, cfg.data.streams, cfg.data.prefetch, cfg.data.backend,
+                         cfg.data.stream_cpus, cfg.data.stream_resources or None,
+                         quarantine_url=run_folder.quarantine_url(cfg.run), max_deaths=cfg.data.max_worker_deaths)
+        step = restore(reporter.restore_point() or resume_from, core, optimizer, feed, opts, rank)
+        if new_plan and resume_from and step == int(ck.read_meta(resume_from, opts)["step"]):  # not a later
+            # checkpoint of this session (Ray Train restarting the workers): those are under the new plan
+            position = feed.state_dict()
+            feed.load_state_dict({"epoch": position["epoch"] + (1 if position["consumed"] else 0), "consumed": 0})
+            log.info("rank %d: new data plan, starting at epoch %d", rank, feed.state_dict()["epoch"])
+        if step == 0 and cfg.train.init_from:
+            warm_start(cfg.train.init_from, core, opts, rank)
         until = min(cfg.train.steps, stop_after) if stop_after else cfg.train.steps
+        log.info("rank %d of %d: training from step %d to %d on %s", rank, world, step, until, device)
         watch = LeaseWatch(lease["url"], lease["owner"], opts) if lease else None
-        return _steps(cfg, rank, world, model, core, optimizer, feed, device, reporter, step, until, watch)
+        last = _steps(cfg, rank, world, model, core, optimizer, feed, device, reporter, step, until, watch, recorder)
+    except BaseException:
+        if recorder is not None:
+            recorder.close(failed=True)  # what was recorded is stored; the first error stays the one raised
+        raise
     finally:
-        feed.close()
+        if feed is not None:
+            feed.close()
+    if recorder is not None:
+        recorder.close()
+    return last
+
+
+def open_recorder(cfg: PretrainConfig) -> MetricsRecorder:
+    """Rank 0's metrics writer: the run folder, and TensorBoard and MLflow when configured."""
+    t, opts = cfg.train, cfg.storage_options
+    sinks: list[Sink] = [RunFolderSink(cfg.run, t.steps, opts)]
+    if t.tensorboard:
+        sinks.append(TensorBoardSink(cfg.run, opts))
+    if t.mlflow_uri:
+        sinks.append(MlflowSink(t.mlflow_uri, t.mlflow_experiment, cfg.run, to_dict(cfg), opts))
+    return MetricsRecorder(sinks)
 
 
 def restore(ckpt: Optional[str], core: Objective, optimizer: torch.optim.Optimizer, feed: BatchFeed,
@@ -168,7 +204,8 @@ def _micro_step(model: nn.Module, batch: Mapping[str, Any], device: torch.device
 
 def _steps(cfg: PretrainConfig, rank: int, world: int, model: nn.Module, core: Objective,
            optimizer: torch.optim.Optimizer, feed: BatchFeed, device: torch.device, reporter: Reporter,
-           step: int, until: int, watch: Optional["LeaseWatch"] = None) -> dict[str, Any]:
+           step: int, until: int, watch: Optional["LeaseWatch"] = None,
+           recorder: Optional[MetricsRecorder] = None) -> dict[str, Any]:
     t = cfg.train
     window = _Window(feed)
     last: dict[str, Any] = {}
@@ -205,18 +242,20 @@ def _steps(cfg: PretrainConfig, rank: int, world: int, model: nn.Module, core: O
                 until = step
             elif verdict == LeaseWatch.LOST:
                 log.error("stopping at step %d without a checkpoint: %s", step, why)
+                if recorder is not None:
+                    recorder.close(discard=True)
                 return last
         ckpt_now = step % t.ckpt_every == 0 or step == until
         if step % t.log_every == 0 or ckpt_now:
             last = window.metrics(step, optimizer.param_groups[0]["lr"], world, t.collapse_threshold)
             if t.time_schedule and t.time_limit_minutes:
                 last["horizon"] = horizon
-            if rank == 0:
-                _log_metrics(cfg, last)
+            if recorder is not None:
+                recorder.record(last)
         if ckpt_now:  # every rank reports (a collective in Ray Train); only at checkpoints: a report
             # waits for the Ray Train controller's next poll (2 s by default), and metrics already
             # reach <run>/metrics.jsonl from rank 0, so a report per log step would stall every rank
-            _checkpoint(cfg, rank, world, core, optimizer, feed, step, reporter, last)
+            _checkpoint(cfg, rank, world, core, optimizer, feed, step, reporter, last, recorder)
     return last
 
 
@@ -322,15 +361,13 @@ def _dist_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
 
-def _log_metrics(cfg: PretrainConfig, m: Mapping[str, Any]) -> None:
-    opts = cfg.storage_options
-    run_folder.append_metrics(cfg.run, m, opts)
-    run_folder.write_status(cfg.run, run_folder.running_status(m["step"], cfg.train.steps, m), opts)
-
-
 def _checkpoint(cfg: PretrainConfig, rank: int, world: int, core: Objective, optimizer: torch.optim.Optimizer,
-                feed: BatchFeed, step: int, reporter: Reporter, metrics: Mapping[str, Any]) -> None:
-    """Rank 0 writes state.pt and encoder.pt, reports them, then writes meta.json and prunes."""
+                feed: BatchFeed, step: int, reporter: Reporter, metrics: Mapping[str, Any],
+                recorder: Optional[MetricsRecorder] = None) -> None:
+    """Rank 0 stores the metrics so far, writes state.pt and encoder.pt, reports them, then writes
+    meta.json and prunes."""
+    if recorder is not None:  # a run resumed from this checkpoint has every metrics line up to it
+        recorder.flush()
     with tempfile.TemporaryDirectory(prefix="selfsup-ckpt-") as tmp:
         local = None
         if rank == 0:
@@ -344,6 +381,8 @@ def _checkpoint(cfg: PretrainConfig, rank: int, world: int, core: Objective, opt
         return
     url = storage.join(cfg.run, ck.CHECKPOINTS, ck.step_dir_name(step))
     ck.write_meta(url, checkpoint_meta(cfg, core, step, world, feed.state_dict()), cfg.storage_options)
+    if recorder is not None:
+        recorder.checkpoint(url)
     deleted = ck.prune(cfg.run, cfg.train.keep, cfg.train.keep_unevaluated, cfg.storage_options)
     for d in deleted:
         log.info("retention: deleted %s", storage.redact_url(d))

@@ -6,6 +6,8 @@
     <run>/metrics.jsonl       one line per logged step                   append_metrics / read_metrics / last_metrics
     <run>/quarantine.jsonl    undecodable samples (pipeline/feed.py)     quarantine_url
     <run>/trainer.lease       the live trainer's lease (jobs/training.py) trainer_lease_url
+    <run>/tb/                 TensorBoard event files (trainers/tbevents.py) tb_url
+    <run>/mlflow.json         the MLflow run this run logs to             read_mlflow_run / write_mlflow_run
     <run>/checkpoints/        trainers/checkpoint.py owns its names
     <run>/eval/               evaluation results and plots               eval_url
 
@@ -18,7 +20,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from selfsup.pipeline import storage
 from selfsup.pipeline.config import load_config, to_yaml
@@ -26,7 +28,7 @@ from selfsup.pipeline.snapshot import SNAPSHOT_FILE
 from selfsup.trainers.config import PretrainConfig
 
 CONFIG, STATUS, METRICS, QUARANTINE, EVAL = "config.yaml", "status.json", "metrics.jsonl", "quarantine.jsonl", "eval"
-TRAINER_LEASE = "trainer.lease"
+TRAINER_LEASE, TB, MLFLOW = "trainer.lease", "tb", "mlflow.json"
 MANIFEST = SNAPSHOT_FILE
 
 # run states: `stopped` is resumable (train.time_limit_minutes or --stop-after reached, or a stop asked
@@ -67,6 +69,11 @@ def manifest_url(run: str) -> str:
     return storage.join(run, MANIFEST)
 
 
+def tb_url(run: str, *parts: str) -> str:
+    """`<run>/tb/` or an event file in it."""
+    return storage.join(run, TB, *parts)
+
+
 def eval_url(run: str, *parts: str) -> str:
     """`<run>/eval/` or a file under it."""
     return storage.join(run, EVAL, *parts)
@@ -83,6 +90,25 @@ def read_config(run: str, opts: Optional[Mapping[str, Any]] = None) -> Optional[
     """The run's saved config (without storage secrets), or None when it has none."""
     url = config_url(run)
     return load_config(PretrainConfig, url, options=opts) if storage.exists(url, opts) else None
+
+
+# ---------------------------------------------------------------- mlflow.json
+
+def write_mlflow_run(run: str, tracking_uri: str, run_id: str, opts: Optional[Mapping[str, Any]] = None) -> None:
+    """Record which MLflow run `<run>` logs to, so a resumed run goes on logging there."""
+    storage.write_text(storage.join(run, MLFLOW), json.dumps({"tracking_uri": storage.redact(tracking_uri),
+                                                              "run_id": run_id}), opts)
+
+
+def read_mlflow_run(run: str, opts: Optional[Mapping[str, Any]] = None) -> Optional[str]:
+    """The MLflow run id `<run>` logs to, or None when it has none yet."""
+    url = storage.join(run, MLFLOW)
+    if not storage.exists(url, opts):
+        return None
+    try:
+        return str(json.loads(storage.read_text(url, opts))["run_id"])
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{storage.redact_url(url)} is damaged; delete it to start a new MLflow run") from None
 
 
 # ---------------------------------------------------------------- status.json
@@ -159,11 +185,15 @@ def run_state(run: str, opts: Optional[Mapping[str, Any]] = None) -> str:
 
 # ---------------------------------------------------------------- metrics.jsonl
 
-def append_metrics(run: str, metrics: Mapping[str, Any], opts: Optional[Mapping[str, Any]] = None) -> None:
-    """Append one line (a dict with at least step and loss) to `<run>/metrics.jsonl`."""
-    if "step" not in metrics or "loss" not in metrics:
-        raise ValueError(f"a metrics line needs step and loss, got {sorted(metrics)}")
-    storage.append_line(metrics_url(run), json.dumps(dict(metrics)), opts)
+def append_metrics(run: str, lines: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+                   opts: Optional[Mapping[str, Any]] = None) -> None:
+    """Append one line, or several at once, to `<run>/metrics.jsonl` (each a dict with at least step and loss)."""
+    lines = [lines] if isinstance(lines, Mapping) else list(lines)
+    bad = [sorted(m) for m in lines if "step" not in m or "loss" not in m]
+    if bad:
+        raise ValueError(f"a metrics line needs step and loss, got {bad[0]}")
+    if lines:
+        storage.append_line(metrics_url(run), "\n".join(json.dumps(dict(m)) for m in lines), opts)
 
 
 def read_metrics(run: str, opts: Optional[Mapping[str, Any]] = None) -> list[dict[str, Any]]:

@@ -19,7 +19,8 @@ def add_parser(sub: Any) -> None:
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     add_client_args(ls)
     ls.set_defaults(run=run_ls)
-    logs = jsub.add_parser("logs", help="a job's log")
+    logs = jsub.add_parser("logs", help="a job's log: its driver's output, with its Ray workers' lines "
+                                       "(Ray Train workers, ShardStreams) for jobs that selfsup submitted")
     logs.add_argument("job_id", metavar="JOB_ID")
     logs.add_argument("--follow", action="store_true", help="keep printing until the job ends; exit 0 if it "
                                                             "succeeded, 1 otherwise")

@@ -9,6 +9,7 @@ checkpoints and rows already present, so nothing is evaluated twice.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -17,8 +18,9 @@ from typing import Any, Mapping, Optional
 from selfsup.jobs.evaluation import results
 from selfsup.jobs.evaluation.report import print_table, write_plots
 from selfsup.pipeline import storage
-from selfsup.trainers import run_folder
+from selfsup.trainers import run_folder, tbevents
 
+log = logging.getLogger(__name__)
 METHODS = ("knn", "linear")
 
 
@@ -153,6 +155,11 @@ class EvalJob:
                              "seconds": round(time.perf_counter() - t1 + (t1 - t0) / len(wanted), 3),
                              "arch": arch, "time": time.time()})
         results.append_results(self.run, rows, self.opts)
+        if meta.get("config", {}).get("train", {}).get("tensorboard", True):
+            try:
+                tbevents.write_event_file(self.run, tbevents.eval_scalars(rows, int(meta["step"])), self.opts)
+            except OSError as e:  # the rows are stored; the curves are a view of them
+                log.warning("could not write TensorBoard scalars to %s (%s)", storage.redact_url(self.run), e)
         for r in rows:
             done.add(results.result_key(r))
             print(f"  {es.name}/{self.target} step {meta['step']} {r['encoder']:<11} {r['method']:<6} "

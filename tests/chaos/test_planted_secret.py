@@ -1,13 +1,12 @@
 """A secret planted in the storage options and in a URL appears in no file a run leaves."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from selfsup.jobs.cli import main
-from tests.conftest import FMNIST, ROOT, run_cli
+from tests.conftest import FMNIST, ROOT, leaks, run_cli
 from tests.pipeline.test_secrets import PLANTED, SECRETS, URL
 
 CONFIG = str(ROOT / "jobs" / "configs" / "simclr_image.yaml")
@@ -22,20 +21,6 @@ def few_images(tmp_path_factory: pytest.TempPathFactory) -> str:
     return dest
 
 
-def leaks(folder: Path) -> dict[str, list[str]]:
-    """file → planted secrets found in its bytes, for every file under `folder`."""
-    out = {}
-    for dirpath, _, names in os.walk(folder):
-        for name in names:
-            if not (Path(dirpath) / name).is_file():  # sockets, fifos
-                continue
-            data = (Path(dirpath) / name).read_bytes()
-            found = [s for s in SECRETS if s.encode() in data]
-            if found:
-                out[str(Path(dirpath) / name)] = found
-    return out
-
-
 def test_no_file_of_a_run_holds_a_planted_secret(tmp_path, few_images, capfd):
     run = tmp_path / "run"
     storage = ",".join(f"{k}: {v!r}" if isinstance(v, str) else f"{k}: {v}" for k, v in PLANTED.items())
@@ -45,7 +30,7 @@ def test_no_file_of_a_run_holds_a_planted_secret(tmp_path, few_images, capfd):
     assert main(["pretrain", CONFIG, *args, "--no-ray", "--quiet"]) == 0
     written = sorted(p.name for p in run.rglob("*") if p.is_file())
     assert {"config.yaml", "status.json", "metrics.jsonl", "meta.json", "state.pt", "encoder.pt"} <= set(written)
-    assert leaks(run) == {}
+    assert leaks(run, SECRETS) == {}
     out, err = capfd.readouterr()
     assert not [s for s in SECRETS if s in out + err]
 
@@ -59,7 +44,7 @@ def test_a_failed_run_records_its_error_without_secrets(tmp_path):
     cfg = from_dict(PretrainConfig, {"run": str(tmp_path / "run"), "storage": dict(PLANTED)})
     mark_failed(cfg, OSError(f"cannot read {URL}/train-000000.tar with options {PLANTED}"))
     assert rf.read_status(cfg.run).state == rf.FAILED
-    assert leaks(tmp_path) == {}
+    assert leaks(tmp_path, SECRETS) == {}
 
 
 def test_a_ray_run_hands_secrets_to_workers_but_records_none(tmp_path, few_images, ray_cluster, monkeypatch):
@@ -83,6 +68,6 @@ def test_a_ray_run_hands_secrets_to_workers_but_records_none(tmp_path, few_image
     recorded = [json.dumps(r.model_dump(mode="json"), default=str) for r in runs.values()]
     assert any(str(run) in r for r in recorded), "the run's settings were not recorded where expected"
     assert not [s for s in SECRETS if any(s in r for r in recorded)]
-    assert leaks(run) == {}
+    assert leaks(run, SECRETS) == {}
     session = Path(ray._private.worker._global_node.get_session_dir_path())  # noqa: SLF001
-    assert leaks(session) == {}
+    assert leaks(session, SECRETS) == {}

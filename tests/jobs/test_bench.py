@@ -11,7 +11,6 @@ FIGURES = ("kernel", "selfsup", "dataloader", "ray_data", "torchvision_default")
 RATIOS = ("efficiency", "vs_dataloader", "vs_ray_data", "vs_torchvision_default")
 
 
-@pytest.mark.skipif(not PHOTOS.is_dir(), reason=f"real photos not found at {PHOTOS}")
 def test_bench_pipeline_image_json(tmp_path):
     proc = run_cli("bench", "pipeline", "--modality", "image", "--streams", "1", "--samples", "32",
                    "--batch-size", "8", "--size", "64", "--repeats", "1", "--json",

@@ -8,8 +8,9 @@ import pytest
 from selfsup.jobs.cli import main
 from selfsup.jobs.evaluation.results import read_results
 from selfsup.pipeline import storage
-from tests.conftest import FMNIST, ROOT, run_cli
+from tests.conftest import FMNIST, ROOT, read_tb_scalars, run_cli
 from selfsup.trainers import checkpoint as ck
+from selfsup.trainers import run_folder as rf
 
 CONFIG = str(ROOT / "jobs" / "configs" / "simclr_image.yaml")
 
@@ -58,6 +59,10 @@ def test_watch_evaluates_each_checkpoint_once_across_a_restart(trained, capsys):
     out = capsys.readouterr().out
     assert "pretrained" in out and "random init" in out and "raw" in out
     assert storage.exists(storage.join(run, "eval", "accuracy.png"))
+    tb = read_tb_scalars(rf.tb_url(run))  # accuracies beside the training curves, by checkpoint step
+    assert [s for s, _ in tb["eval/fm/cls/knn/pretrained"]] == [2, 4] and "train/loss" in tb
+    assert tb["eval/fm/cls/linear/raw"] == [(2, pytest.approx(next(
+        r["accuracy"] for r in first if (r["encoder"], r["method"]) == ("raw", "linear"))))]
     assert storage.exists(storage.join(run, "eval", "loss.png"))
     assert main(["runs", "show", run]) == 0
     shown = capsys.readouterr().out

@@ -168,6 +168,9 @@ def test_submit_pretrain_runs_to_completion_and_jobs_ls_shows_it(head, submitted
     assert "SUCCEEDED" in line and "pretrain" in line and run in line
     logs = head.cli("jobs", "logs", job_id, "--address", head.address)
     assert logs.returncode == 0 and "finished 4 steps" in logs.stdout
+    # the Ray Train worker's own lines are in the job's log, named by their process
+    worker = [ln for ln in logs.stdout.splitlines() if "rank 0 of 1: training from step 0 to 4" in ln]
+    assert worker and "RayTrainWorker" in worker[0], logs.stdout[-3000:]
 
 
 def test_submitted_evaluation_is_its_own_job(head, submitted, fm):

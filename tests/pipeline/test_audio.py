@@ -15,10 +15,10 @@ from selfsup.pipeline.masking import conv_frames
 from selfsup.pipeline.modalities import MODALITIES, DecodeError, make_modality
 from selfsup.pipeline.modalities.audio import (OUTPUTS, AudioModality, augment_wave, random_resize_crop, resampler,
                                                speech_view)
+from tests.conftest import FSDD as FSDD_PATH
 
-FSDD = "/work/shared/datasets/fsdd/recordings"
+FSDD = str(FSDD_PATH)
 WAV2VEC2_CONV = [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2
-pytestmark = pytest.mark.skipif(not os.path.isdir(FSDD), reason="FSDD recordings not present")
 
 
 @pytest.fixture(scope="module")

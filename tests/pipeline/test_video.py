@@ -19,10 +19,9 @@ from selfsup.pipeline.modalities.video import (
     read_frames,
     reencode_mp4,
 )
-from tests.conftest import texture_clip
+from tests.conftest import VIDEO, texture_clip
 
-VIDEOS = "/work/shared/datasets/video"
-pytestmark = pytest.mark.skipif(not os.path.isdir(VIDEOS), reason="shared videos not present")
+VIDEOS = str(VIDEO)
 
 
 def load(name: str) -> bytes:

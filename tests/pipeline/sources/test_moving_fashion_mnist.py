@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -16,7 +15,6 @@ from selfsup.pipeline.sources.moving_fashion_mnist import MovingFashionMNISTSour
 from tests.conftest import FMNIST as FMNIST_PATH
 
 FMNIST = str(FMNIST_PATH)
-pytestmark = pytest.mark.skipif(not os.path.isdir(FMNIST), reason="Fashion-MNIST not present")
 
 
 @pytest.fixture(scope="module")
