@@ -46,6 +46,7 @@ def test_pretrain_and_retrain_take_storage_credentials_only_from_their_flags(mot
     assert main(["shards", "write", str(FMNIST), data, "--modality", "image", "--limit", "64",
                  "--samples-per-shard", "32", "--workers", "1", "--quiet"]) == 0
     runs = moto_s3.bucket("creds-runs")
+    storage.write_bytes(f"{runs}/simclr.yaml", (CONFIGS / "simclr_image.yaml").read_bytes())  # a config by URL
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     s3fs.S3FileSystem.clear_instance_cache()  # clients made with the environment's credentials
@@ -60,7 +61,7 @@ def test_pretrain_and_retrain_take_storage_credentials_only_from_their_flags(mot
     assert rf.read_status(f"{runs}/a", {"key": KEY_ID, "secret": SECRET}).state == rf.FINISHED
 
     monkeypatch.setenv("SELFSUP_STORAGE_OPTIONS", json.dumps({"key": KEY_ID, "secret": SECRET}))
-    assert main(["retrain", "simclr_image", *args, f"retrain.runs={runs}/retrain", "--min-new-samples", "100000",
+    assert main(["retrain", f"{runs}/simclr.yaml", *args, f"retrain.runs={runs}/retrain", "--min-new-samples", "100000",
                  "--no-ray", "--quiet"]) == 0
     written = objects(runs)
     assert any(k.startswith("a/checkpoints/step-000002/") for k in written)
