@@ -44,11 +44,11 @@ class AddedShard:
 
 @dataclass
 class AddReport:
-    """What `add_tars` did: shards added, already present, changed since added, and refused (url, why)."""
+    """What `add_tars` did: shards added, already present, changed (or gone) since added, and refused (url, why)."""
 
     added: list[AddedShard] = field(default_factory=list)
     present: list[str] = field(default_factory=list)
-    changed: list[str] = field(default_factory=list)
+    changed: list[tuple[str, str]] = field(default_factory=list)
     refused: list[tuple[str, str]] = field(default_factory=list)
 
     @property
@@ -61,6 +61,8 @@ def find_tars(pattern: str, options: Optional[Mapping[str, Any]] = None) -> list
     if not any(c in pattern for c in "*?["):
         name = pattern.rstrip("/").lower()
         if name.endswith(".tar") or name.endswith(COMPRESSED):
+            if not storage.exists(pattern, options):
+                raise FileNotFoundError(f"{storage.redact_url(pattern)} does not exist")
             return [storage.full_url(pattern)]
         pattern = storage.join(pattern, "**")
     urls = [u for u in storage.glob(storage.full_url(pattern), options)
@@ -174,10 +176,15 @@ def add_tars(urls: Sequence[str], dest: str, modality: str, split: str, index_in
         row = visible.get(url)
         if row is None:
             todo.append(url)
-        elif storage.size(url, options) != row["n_bytes"]:
-            report.changed.append(url)
-        else:
+            continue
+        try:
+            size = storage.size(url, options)
+        except FileNotFoundError:
+            size = None
+        if size == row["n_bytes"]:
             report.present.append(url)
+        else:
+            report.changed.append((url, "it is gone" if size is None else "its size differs from when it was added"))
 
     def one(url: str) -> AddedShard | tuple[str, str]:
         try:

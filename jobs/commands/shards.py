@@ -198,9 +198,8 @@ def run_add(args: argparse.Namespace) -> int:
                                    opts, progress=bar.update)
     print(f"{len(report.added)} shard(s) added ({report.samples} samples), {len(report.present)} already present, "
           f"{len(report.refused)} refused")
-    for url in report.changed:
-        print(f"  changed {storage.redact_url(url)}: its size differs from when it was added; not added again "
-              "(`shards rm` it, then add it again)")
+    for url, why in report.changed:
+        print(f"  changed {storage.redact_url(url)}: {why}; not added again (`shards rm` it, then add it again)")
     if report.refused:
         raise ValueError(f"{len(report.refused)} shard(s) not added: "
                          + "; ".join(why for _, why in report.refused[:10]))
