@@ -1,10 +1,17 @@
-"""Small pieces the job modules share: storage options from the command line, formatting."""
+"""Small pieces the job modules share: storage options and configs from the command line, formatting."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-from typing import Any, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+if TYPE_CHECKING:
+    from selfsup.trainers.config import PretrainConfig
+
+CONFIGS = Path(__file__).resolve().parent / "configs"  # selfsup/jobs/configs: the bundled configs
 
 
 def add_storage_args(p: argparse.ArgumentParser) -> None:
@@ -25,6 +32,38 @@ def storage_options(args: argparse.Namespace) -> Optional[dict[str, Any]]:
         k, v = item.split("=", 1)
         opts[k] = v
     return opts or None
+
+
+def bundled_configs() -> list[str]:
+    """Names of the bundled configs: `simclr_image`, …, `quality/image` (their paths under jobs/configs/)."""
+    return sorted(p.relative_to(CONFIGS).with_suffix("").as_posix() for p in CONFIGS.rglob("*.yaml"))
+
+
+def config_location(config: str) -> str:
+    """A CONFIG argument as a loadable location: a path or URL as given, or a bundled config's file by name."""
+    if "://" in config or config.lower().endswith((".yaml", ".yml")) or os.path.exists(config):
+        return config
+    names = bundled_configs()
+    if config in names:
+        return str(CONFIGS / f"{config}.yaml")
+    raise FileNotFoundError(f"config {config!r} is neither a YAML file nor a bundled config; "
+                            f"bundled configs: {', '.join(names)}")
+
+
+def config_help() -> str:
+    """The CONFIG argument's help: what it may be, with the bundled names."""
+    return f"YAML config (path or URL) or a bundled config's name: {', '.join(bundled_configs())}"
+
+
+def load_pretrain_config(config: str, overrides: Sequence[str],
+                         options: Optional[dict[str, Any]]) -> "PretrainConfig":
+    """The checked config of CONFIG (path, URL or bundled name) + overrides, with `options` (from
+    --storage-option / $SELFSUP_STORAGE_OPTIONS) over its `storage` section."""
+    from selfsup.pipeline.config import load_config
+    from selfsup.trainers.config import PretrainConfig, validate
+
+    cfg = validate(load_config(PretrainConfig, config_location(config), overrides, options=options))
+    return dataclasses.replace(cfg, storage={**cfg.storage, **(options or {})}) if options else cfg
 
 
 def human_bytes(n: float) -> str:

@@ -82,7 +82,7 @@ def read_shard_ledger(dataset: str, shard_path: str,
 def read_holdings(dataset: str, rows: Sequence[Mapping[str, Any]],
                   options: Optional[Mapping[str, Any]] = None) -> Holdings:
     """The items held by the shards of `rows` (visible manifest rows of `dataset`)."""
-    paths = [str(r["path"]) for r in rows]
+    paths = [str(r["path"]) for r in rows if not r.get("external")]  # added tars (`shards add`) have no ledger
     out = Holdings()
     if not paths:
         return out

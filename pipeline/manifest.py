@@ -10,6 +10,13 @@ number is above every part its writer could see (a tombstone always follows the 
 and within a part later rows win. Parts of older manifests (`part-<timestamp>-<writer>.parquet`,
 and any part on a store without conditional creates) come first, ordered by `created_at` as before.
 
+A row's `path` and `index` are relative paths inside the dataset, except in rows marked
+`external` (`selfsup shards add`: third-party tars read in place): there `path` is the tar's
+absolute URL, and `index` is either a path inside the dataset or an absolute URL beside the tar.
+An absolute location must be a plain one (`s3://`, `gs://`, `file://`, `memory://` or an absolute
+local path; no `..`, credentials, query or fsspec chaining) and is allowed in external rows only.
+`locate` resolves both kinds; a reader never joins a row's path itself.
+
 A part that cannot be read (empty, not Parquet, wrong schema, a shard path that leaves the
 dataset) is named in a `BadPart`: readers that train raise `ManifestError` naming it; `shards ls`
 and `shards verify` report it and go on with the readable parts.
@@ -48,8 +55,11 @@ SCHEMA = pa.schema([
     ("writer_id", pa.string()),
     ("tombstone", pa.bool_()),
     ("meta", pa.string()),          # JSON: source description, label names, ...
+    ("external", pa.bool_()),       # path (and maybe index) are absolute URLs outside the dataset
 ])
 COLUMNS = [f.name for f in SCHEMA]
+OPTIONAL = {"external": False}  # columns that parts written before them lack, and their value there
+EXTERNAL_PROTOCOLS = ("s3", "gs", "file", "memory")
 SEQ_PART = re.compile(r"^part-(\d{12})\.parquet$")  # a numbered part; anything else is a legacy part
 MAX_CLAIMS = 1000  # conditional creates tried before giving up (each lost race moves one number on)
 
@@ -122,7 +132,8 @@ def _append_legacy(folder: str, first: Mapping[str, Any], data: bytes,
 
 def _defaults() -> dict[str, Any]:
     return {"created_at": now_utc(), "writer_id": writer_id(), "tombstone": False, "meta": "{}",
-            "index": None, "modality": "", "split": "", "n_samples": 0, "n_bytes": 0, "sha256": ""}
+            "index": None, "modality": "", "split": "", "n_samples": 0, "n_bytes": 0, "sha256": "",
+            "external": False}
 
 
 def is_safe_relpath(path: Any) -> bool:
@@ -133,12 +144,63 @@ def is_safe_relpath(path: Any) -> bool:
     return not path.startswith("/") and all(p not in ("", ".", "..") for p in parts)
 
 
+def is_safe_external_url(url: Any) -> bool:
+    """Whether `url` is a plain absolute location of a shard outside any dataset (see the module doc)."""
+    if not isinstance(url, str) or not url or any(c in url for c in "\\\x00?#@") or "::" in url:
+        return False
+    if any(ord(c) < 32 for c in url):
+        return False
+    if "://" in url:
+        scheme, rest = url.split("://", 1)
+        if storage.protocol_of(url) not in EXTERNAL_PROTOCOLS or scheme != scheme.lower():
+            return False
+        if storage.protocol_of(url) == "file" and not rest.startswith("/"):
+            return False  # file://relative would resolve against the reader's working directory
+        path = rest[1:] if storage.protocol_of(url) == "file" else rest
+    elif url.startswith("/"):
+        path = url[1:]
+    else:
+        return False
+    return bool(path) and all(p not in ("", ".", "..") for p in path.split("/"))
+
+
 def check_row_paths(row: Mapping[str, Any]) -> None:
-    """Raise ValueError unless the row's shard and index paths stay inside the dataset."""
+    """Raise ValueError unless the row's shard and index paths stay inside the dataset (or, in an
+    external row, are plain absolute URLs: see the module doc)."""
+    external = bool(row.get("external"))
     for col in ("path", "index"):
         value = row.get(col)
-        if (col == "path" or value is not None) and not is_safe_relpath(value):
-            raise ValueError(f"manifest row {col} {value!r} is not a relative path inside the dataset")
+        if col == "index" and value is None:
+            continue
+        if is_safe_relpath(value) and not (external and col == "path"):
+            continue
+        if external and is_safe_external_url(value):
+            continue
+        if external:
+            raise ValueError(f"manifest row {col} {value!r} of an external shard is neither a plain absolute URL "
+                             "(s3://, gs://, file://, memory://, /abs/path; no '..', credentials or query)"
+                             + ("" if col == "path" else " nor a relative path inside the dataset"))
+        raise ValueError(f"manifest row {col} {value!r} is not a relative path inside the dataset")
+
+
+def locate(dataset: str, row: Mapping[str, Any], col: str = "path") -> str:
+    """The full URL of a row's shard (`col="path"`) or index (`col="index"`), resolved against `dataset`."""
+    value = str(row[col])
+    if row.get("external") and is_safe_external_url(value):
+        return value
+    return storage.join(storage.full_url(dataset), value)
+
+
+def tar_urls(dataset: str, split: str, options: Optional[Mapping[str, Any]] = None) -> list[str]:
+    """The URLs of the visible tars of one split, for other readers (`ray.data.read_webdataset(urls)`):
+    no `.idx` files, external tars included. FileNotFoundError when `dataset` holds no manifest,
+    ValueError when it has no shard of `split`."""
+    require_dataset(dataset, options)
+    rows = [r for r in read_manifest(dataset, options) if r["split"] == split]
+    if not rows:
+        raise ValueError(f"no visible shards with split {split!r} in {storage.redact_url(dataset)} "
+                         "(see `selfsup shards ls`)")
+    return [locate(dataset, r) for r in rows]
 
 
 def part_urls(dataset: str, options: Optional[Mapping[str, Any]] = None) -> list[str]:
@@ -168,14 +230,19 @@ def read_part(url: str, options: Optional[Mapping[str, Any]] = None) -> pa.Table
         table = pq.read_table(io.BytesIO(data))
     except (pa.ArrowException, OSError) as e:
         raise ValueError(f"not a Parquet file ({e})") from None
-    missing = [c for c in COLUMNS if c not in table.column_names]
+    missing = [c for c in COLUMNS if c not in table.column_names and c not in OPTIONAL]
     if missing:
         raise ValueError(f"lacks column(s) {', '.join(missing)}")
+    for name, value in OPTIONAL.items():  # a part written before the column existed
+        if name not in table.column_names:
+            table = table.append_column(name, pa.array([value] * len(table), SCHEMA.field(name).type))
     try:
         table = table.select(COLUMNS).cast(SCHEMA)
     except (pa.ArrowException, ValueError) as e:
         raise ValueError(f"columns of the wrong type ({e})") from None
-    for row in table.select(["path", "index"]).to_pylist():
+    table = table.set_column(COLUMNS.index("external"), "external",
+                             table["external"].fill_null(False))
+    for row in table.select(["path", "index", "external"]).to_pylist():
         check_row_paths(row)
     return table
 

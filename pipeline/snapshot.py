@@ -100,9 +100,9 @@ def build_snapshot(sources: Sequence[SourceSpec], modality: Optional[str] = None
             raise ValueError(f"no visible shards with split {src.split!r} in {storage.redact_url(src.url)} "
                              "(see `selfsup shards ls`)")
         for r in rows:
-            url = storage.join(storage.full_url(src.url), r["path"])
-            refs[url] = ShardRef(url, storage.join(storage.full_url(src.url), r["index"]),
-                                 int(r["n_samples"]), src.label, r["sha256"])
+            url = manifest.locate(src.url, r)
+            refs[url] = ShardRef(url, manifest.locate(src.url, r, "index"), int(r["n_samples"]), src.label,
+                                 r["sha256"])
             modalities.add(r["modality"])
     if modality is not None and modalities != {modality}:
         raise ValueError(f"sources hold {sorted(modalities)} shards but the run is configured for {modality!r}")

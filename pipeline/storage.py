@@ -222,6 +222,14 @@ def listdir(url: str, options: Optional[Mapping[str, Any]] = None) -> list[str]:
     return out
 
 
+def glob(pattern: str, options: Optional[Mapping[str, Any]] = None) -> list[str]:
+    """Full URLs of the files matching `pattern` (`*`, `?`, `[…]`, `**` across folders), sorted."""
+    fs, path = filesystem(pattern, options)
+    found = retrying(lambda: fs.glob(path, detail=True), pattern)
+    fs.invalidate_cache()  # the listings glob cached would hide objects written next (s3fs reads check them)
+    return sorted(_rebuild(pattern, path, name) for name, info in found.items() if info.get("type") != "directory")
+
+
 def _rebuild(url: str, path: str, entry: str) -> str:
     """The URL form of an fs path found under `path` (keeps the caller's protocol)."""
     if is_local(url):

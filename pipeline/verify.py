@@ -30,7 +30,7 @@ def verify_shard(dataset: str, row: Mapping[str, Any], options: Optional[Mapping
     """Check hash, sample count, tar structure and every member's CRC against the index."""
     check = ShardCheck(row["path"])
     try:
-        data = storage.read_bytes(storage.join(dataset, row["path"]), options=options)
+        data = storage.read_bytes(manifest.locate(dataset, row), options=options)
     except FileNotFoundError:
         check.problems.append("shard file is missing")
         return check
@@ -42,13 +42,13 @@ def verify_shard(dataset: str, row: Mapping[str, Any], options: Optional[Mapping
         check.problems.append("the manifest row names no index")
         return check
     try:
-        index = ShardIndex.from_json(storage.read_bytes(storage.join(dataset, row["index"]), options=options),
+        index = ShardIndex.from_json(storage.read_bytes(manifest.locate(dataset, row, "index"), options=options),
                                      row["index"])
     except (FileNotFoundError, ValueError) as e:
         check.problems.append(f"index unusable: {e}")
         return check
     try:
-        held = ledger.read_shard_ledger(dataset, row["path"], options)
+        held = None if row.get("external") else ledger.read_shard_ledger(dataset, row["path"], options)
         if held is not None and [e.key for e in held] != list(index.keys):
             check.problems.append("its ledger names other samples than its index")
     except ValueError as e:

@@ -10,6 +10,7 @@ The public API is importable from here; names load on first use, so `import self
     import selfsup
     encoder = selfsup.load_encoder("s3://bucket/runs/a")     # weights_only load of the latest checkpoint
     plan = selfsup.plan_epoch(selfsup.load_snapshot("runs/a"), seed=0, epoch=0, batch_size=256)
+    ds = ray.data.read_webdataset(selfsup.tar_urls("s3://bucket/data", "pretrain"))  # the tars only, no .idx
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ _API = {
     "Snapshot": "selfsup.pipeline.snapshot",
     "build_snapshot": "selfsup.pipeline.snapshot",
     "load_snapshot": "selfsup.pipeline.snapshot",
+    "tar_urls": "selfsup.pipeline.manifest",
     "make_modality": "selfsup.pipeline.modalities",
     "make_objective": "selfsup.trainers.objectives",
     "make_backbone": "selfsup.trainers.backbones",

@@ -212,6 +212,15 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
                           cwd=ROOT, env={**os.environ, **(env or {})}, timeout=timeout)
 
 
+def pretrain_overrides(run: str, data: str, steps: int, **extra: object) -> list[str]:
+    """`key=value` overrides of a short CPU pretraining run (2 workers, tiny CNN) of `data` into `run`."""
+    base = {"run": run, "data.sources": f"[{{url: {data}}}]", "train.steps": steps, "train.log_every": 1,
+            "train.warmup_steps": 2, "data.batch_size": 64, "data.streams": 1, "data.stream_cpus": 0.25,
+            "scaling.cpus_per_worker": 0.5, "objective.backbone_args.width": 8}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
 # ---------------------------------------------------------------- shards and clips made by tests
 
 

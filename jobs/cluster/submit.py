@@ -30,9 +30,9 @@ from typing import Any, Optional
 from urllib.parse import urlparse
 
 from selfsup.jobs.cluster.jobclient import explain
+from selfsup.jobs.common import load_pretrain_config, storage_options
 from selfsup.pipeline import storage
-from selfsup.pipeline.config import load_config
-from selfsup.trainers.config import ClusterConfig, PretrainConfig, config_digest, validate
+from selfsup.trainers.config import ClusterConfig, PretrainConfig, config_digest
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout, when this file is not an installed copy
 
@@ -74,8 +74,8 @@ def plan_job(kind: str, target: str, forwarded: list[str],
         return {"kind": kind, "argv": ["evaluate", run_url, *absolute_eval_sets(forwarded)], "config": None,
                 "cluster": cluster, "run": run_url, "local": [run_url] if storage.is_local(run_url) else [],
                 "metadata": metadata(kind, run_url, cluster or ClusterConfig())}
-    cfg = resolved_config(ns.config, ns.overrides)
-    rest = list(forwarded)
+    cfg = resolved_config(ns.config, ns.overrides, storage_options(ns))
+    rest = without_storage_options(forwarded)  # baked into the shipped config, credentials stripped there
     for item in ns.overrides:
         rest.remove(item)  # baked into the shipped config
     root = (cfg.retrain.runs or cfg.run) if kind == "retrain" else cfg.run
@@ -113,9 +113,21 @@ def is_config(target: str) -> bool:
     return target.lower().endswith((".yaml", ".yml"))
 
 
-def resolved_config(path: str, overrides: list[str]) -> PretrainConfig:
-    """The checked config with every local path absolute (the job runs in another folder)."""
-    cfg = validate(load_config(PretrainConfig, path, overrides))
+def without_storage_options(args: list[str]) -> list[str]:
+    """`args` without `--storage-option KEY=VALUE` (its values may be credentials: a job's argv is public)."""
+    out: list[str] = []
+    skip = False
+    for a in args:
+        if not skip and a != "--storage-option" and not a.startswith("--storage-option="):
+            out.append(a)
+        skip = a == "--storage-option" and not skip
+    return out
+
+
+def resolved_config(path: str, overrides: list[str], options: Optional[dict[str, Any]] = None) -> PretrainConfig:
+    """The checked config (CONFIG may be a bundled name; `options` over its `storage`) with every local path
+    absolute (the job runs in another folder)."""
+    cfg = load_pretrain_config(path, overrides, options)
     absolute = storage.full_url
     data = dataclasses.replace(cfg.data, sources=[dataclasses.replace(s, url=absolute(s.url))
                                                   for s in cfg.data.sources])

@@ -9,12 +9,10 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from selfsup.jobs.common import CONFIGS
 from selfsup.jobs.data import find_dataset, missing_line
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # selfsup/jobs/configs
 
 
 @dataclass(frozen=True)

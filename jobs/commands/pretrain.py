@@ -11,24 +11,24 @@ import argparse
 import sys
 from typing import Any
 
+from selfsup.jobs.common import add_storage_args, config_help, load_pretrain_config, storage_options
 from selfsup.jobs.training import TrainOptions, train
 from selfsup.pipeline import storage
-from selfsup.pipeline.config import load_config
-from selfsup.trainers.config import PretrainConfig, validate
 
 
 def add_parser(sub: Any) -> None:
     """Register `selfsup pretrain`."""
     p = sub.add_parser("pretrain", help="pretrain an encoder with a self-supervised objective",
                        description="Pretrain on the current Ray cluster (RAY_ADDRESS or --address; a local "
-                                   "one otherwise). CONFIG is a YAML file (see jobs/configs/); key=value "
+                                   "one otherwise). CONFIG is a YAML file or the name of a bundled config "
+                                   "(simclr_image, mae_audio, …; see jobs/configs/); key=value "
                                    "overrides win, e.g. train.steps=200 scaling.num_workers=2 run=s3://b/runs/x.",
                        epilog="Checkpoints land in RUN/checkpoints/step-N/ (state.pt, encoder.pt, meta.json); "
                               "the last train.keep (3) and the promoted one are kept, older ones deleted; with "
                               "train.keep_unevaluated=true (for `selfsup evaluate --watch` beside the run) also every "
                               "one not yet evaluated, which without an evaluator is every one. Metrics in "
                               "RUN/metrics.jsonl; state in RUN/status.json.")
-    p.add_argument("config", metavar="CONFIG", help="YAML config (path or URL)")
+    p.add_argument("config", metavar="CONFIG", help=config_help())
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4")
     p.add_argument("--resume", action="store_true",
                    help="continue the run folder from its latest complete checkpoint at its exact data position")
@@ -43,12 +43,13 @@ def add_parser(sub: Any) -> None:
                    help="stop at this step with a checkpoint (the schedule still spans train.steps); "
                         "continue later with --resume, e.g. in preemptible time slots")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    add_storage_args(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Load and check the config, then train; a failure other than a bad input exits 1."""
-    cfg = validate(load_config(PretrainConfig, args.config, args.overrides))
+    cfg = load_pretrain_config(args.config, args.overrides, storage_options(args))
     options = TrainOptions(resume=args.resume, use_ray=not args.no_ray, address=args.address,
                            stop_after=args.stop_after, quiet=args.quiet,
                            allow_plan_change=args.allow_plan_change)

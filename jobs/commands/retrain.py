@@ -7,8 +7,7 @@ import argparse
 from typing import Any
 
 from selfsup.jobs.cluster.retrain import RetrainOptions, check, parse_as_of, retrain
-from selfsup.pipeline.config import load_config
-from selfsup.trainers.config import PretrainConfig, validate
+from selfsup.jobs.common import add_storage_args, config_help, load_pretrain_config, storage_options
 
 
 def add_parser(sub: Any) -> None:
@@ -20,7 +19,7 @@ def add_parser(sub: Any) -> None:
                                    "of CONFIG holds runs, eval_set, metric, target, tolerance, min_new_samples, "
                                    "lease_seconds and steps.",
                        epilog="Decisions: RUNS/retrain-log.jsonl; the promoted model: RUNS/promoted.json.")
-    p.add_argument("config", metavar="CONFIG", help="YAML config (path or URL)")
+    p.add_argument("config", metavar="CONFIG", help=config_help())
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. retrain.tolerance=0.01")
     p.add_argument("--as-of", metavar="TIME", help="use the manifest as it was at TIME (ISO 8601, UTC unless "
                                                    "it names a zone; default now)")
@@ -29,12 +28,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local one)")
     p.add_argument("--no-ray", action="store_true", help="train and evaluate in this process, without Ray")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    add_storage_args(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Parse the flags and retrain."""
-    cfg = check(validate(load_config(PretrainConfig, args.config, args.overrides)))
+    cfg = check(load_pretrain_config(args.config, args.overrides, storage_options(args)))
     options = RetrainOptions(as_of=parse_as_of(args.as_of), min_new_samples=args.min_new_samples,
                              use_ray=not args.no_ray, address=args.address, quiet=args.quiet)
     return retrain(cfg, options)

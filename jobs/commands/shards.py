@@ -10,7 +10,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from selfsup.pipeline import ledger, manifest, storage, writer
+from selfsup.pipeline import external, ledger, manifest, storage, writer
 from selfsup.pipeline.media import EXTENSIONS
 from selfsup.pipeline.sources import (DEFAULT_MAX_ITEM_BYTES, SOURCES, Source, SourceOptions, apply_filters,
                                      detect_source, make_source, KeyReport, item_name, unique_keys)
@@ -30,7 +30,7 @@ def parse_size(text: str) -> int:
 
 def add_parser(sub: Any) -> None:
     """Register `selfsup shards ...`."""
-    p = sub.add_parser("shards", help="write, list, verify and retire WebDataset shards",
+    p = sub.add_parser("shards", help="write, add, list, verify and retire WebDataset shards",
                        description="Manage WebDataset shards: every shard has an index (.idx) and a "
                                    "manifest row under DEST/_manifest/.")
     ssub = p.add_subparsers(dest="shards_command", metavar="ACTION", required=True)
@@ -41,10 +41,7 @@ def add_parser(sub: Any) -> None:
                                     "rewriting finished shards.")
     w.add_argument("source", metavar="SOURCE", help="a folder of media files, the Fashion-MNIST IDX folder, "
                                                     "or the spoken-digit recordings folder")
-    w.add_argument("dest", metavar="DEST", help="dataset location: a path or URL (s3://bucket/prefix, ...)")
-    w.add_argument("--modality", required=True, choices=["image", "audio", "video"])
-    w.add_argument("--split", default="pretrain",
-                   help="split name; conventions: pretrain, probe-train, probe-test (default: pretrain)")
+    add_target_args(w)
     w.add_argument("--labels", default="auto",
                    help="auto (the source's labels for probe-* splits, none for others), none, folder "
                         "(parent folder name), or a regex whose first group is the label")
@@ -69,6 +66,22 @@ def add_parser(sub: Any) -> None:
     add_storage_args(w)
     w.set_defaults(run=run_write)
 
+    a = ssub.add_parser("add", help="add existing WebDataset tars (s3://, gs://, local) in place, without re-encoding",
+                        description="Index existing WebDataset tars where they are and add manifest rows to DEST "
+                                    "that point at them (the tars are neither copied nor rewritten). Each index "
+                                    "goes beside its tar (<name>.idx), or under DEST/_external/ when the source "
+                                    "is read-only or --index-in-dest is given. Members the modality does not read "
+                                    "(.json, .cls, .txt) are kept and ignored. Adding the same tars again adds "
+                                    "nothing.")
+    a.add_argument("source", metavar="URL_OR_GLOB", help="a tar, a glob ('s3://bucket/laion/*.tar', "
+                                                         "'data/**/*.tar'; quote it), or a folder (every tar under it)")
+    add_target_args(a)
+    a.add_argument("--index-in-dest", action="store_true", help="write the indexes under DEST, never beside the tars")
+    a.add_argument("--workers", type=int, default=4, help="tars read at once (default 4)")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_storage_args(a)
+    a.set_defaults(run=run_add)
+
     ls = ssub.add_parser("ls", help="list the visible shards of a dataset")
     ls.add_argument("dest", metavar="DEST")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
@@ -89,6 +102,14 @@ def add_parser(sub: Any) -> None:
     rm.add_argument("shards", nargs="+", metavar="SHARD", help="shard paths as `shards ls` prints them")
     add_storage_args(rm)
     rm.set_defaults(run=run_rm)
+
+
+def add_target_args(p: argparse.ArgumentParser) -> None:
+    """DEST, --modality and --split: where shards go and what they hold (`write` and `add`)."""
+    p.add_argument("dest", metavar="DEST", help="dataset location: a path or URL (s3://bucket/prefix, ...)")
+    p.add_argument("--modality", required=True, choices=sorted(EXTENSIONS))
+    p.add_argument("--split", default="pretrain",
+                   help="split name; conventions: pretrain, probe-train, probe-test (default: pretrain)")
 
 
 def open_source(args: argparse.Namespace) -> tuple[Source, str]:
@@ -162,6 +183,26 @@ def run_write(args: argparse.Namespace) -> int:
         print(f"  ... and {len(report.skipped) - 50} more")
     _print_keys(keys)
     _print_increment(inc)
+    return 0
+
+
+def run_add(args: argparse.Namespace) -> int:
+    """`selfsup shards add`: index third-party tars in place and add their manifest rows."""
+    opts = storage_options(args)
+    writer.check_split(args.split)
+    urls = external.find_tars(args.source, opts)
+    storage.check_writable(args.dest, opts)
+    with tqdm(total=len(urls), unit="shard", desc=f"shards add {args.split}", disable=args.quiet,
+              file=sys.stderr) as bar:
+        report = external.add_tars(urls, args.dest, args.modality, args.split, args.index_in_dest, args.workers,
+                                   opts, progress=bar.update)
+    print(f"{len(report.added)} shard(s) added ({report.samples} samples), {len(report.present)} already present, "
+          f"{len(report.refused)} refused")
+    for url, why in report.changed:
+        print(f"  changed {storage.redact_url(url)}: {why}; not added again (`shards rm` it, then add it again)")
+    if report.refused:
+        raise ValueError(f"{len(report.refused)} shard(s) not added: "
+                         + "; ".join(why for _, why in report.refused[:10]))
     return 0
 
 

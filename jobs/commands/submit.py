@@ -25,8 +25,9 @@ def add_parser(sub: Any) -> None:
                             description=f"Submit `selfsup {kind} {what} ARGS...` to the cluster. ARGS are "
                                         f"those of `selfsup {kind}` (see its --help) and the options below, "
                                         "in any order.")
-        k.add_argument("target", metavar=what, help="a YAML config (path or URL)" if what == "CONFIG"
-                       else "a run folder (path or URL), or a YAML config naming the run")
+        k.add_argument("target", metavar=what,
+                       help="a YAML config (path or URL) or a bundled config's name (`selfsup pretrain --help`)"
+                       if what == "CONFIG" else "a run folder (path or URL), or a YAML config naming the run")
         k.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
                        help=f"`selfsup {kind}` arguments (key=value overrides, options)")
         add_submit_args(k, kind)

@@ -205,6 +205,7 @@ def test_jobs_stop_and_token_errors(head, fm, tmp_path):
 
 def test_submit_refuses_credentials_and_bad_arguments_before_submitting(fm, tmp_path):
     from selfsup.jobs.cluster.submit import plan_job, watch_args
+    from selfsup.pipeline.config import to_yaml
 
     job = plan_job("retrain", CONFIG, [f"run={tmp_path}/runs", f"data.sources=[{{url: {fm}}}]", "--min-new-samples",
                                        "50", "retrain.tolerance=0.01"])
@@ -218,6 +219,11 @@ def test_submit_refuses_credentials_and_bad_arguments_before_submitting(fm, tmp_
                               f"fm={os.path.abspath('data/fm')}", "--quiet"]
     with pytest.raises(ValueError, match="cluster.env names credentials"):
         plan_job("pretrain", CONFIG, ["cluster.env={AWS_SECRET_ACCESS_KEY: x}"])
+    named = plan_job("pretrain", "simclr_image", ["run=runs/x", "--storage-option", "endpoint_url=http://m:9",
+                                                  "--storage-option=secret=sekrit", "--stop-after", "5"])
+    assert named["argv"] == ["pretrain", "<config>", "--stop-after", "5"]  # a job's argv is public: options go
+    shipped = to_yaml(named["config"])                                   # into the config, credentials stripped
+    assert "endpoint_url: http://m:9" in shipped and "sekrit" not in shipped
     res = run_cli("submit", "pretrain", CONFIG, "train.nonsense=1", "--address", "http://127.0.0.1:9")
     assert res.returncode == 2 and "train.nonsense" in res.stderr
 

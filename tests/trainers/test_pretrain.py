@@ -14,6 +14,7 @@ import torch
 from selfsup.jobs.cli import main
 from selfsup.pipeline import storage
 from tests.conftest import FMNIST, ROOT, run_cli
+from tests.conftest import pretrain_overrides as overrides
 from selfsup.trainers import checkpoint as ck
 from selfsup.trainers import run_folder as rf
 
@@ -28,14 +29,6 @@ def fm_shards(moto_s3):
                   "--samples-per-shard", "200", "--workers", "1", "--quiet")
     assert res.returncode == 0, res.stderr
     return dest
-
-
-def overrides(run: str, data: str, steps: int, **extra: object) -> list[str]:
-    base = {"run": run, "data.sources": f"[{{url: {data}}}]", "train.steps": steps, "train.log_every": 1,
-            "train.warmup_steps": 2, "data.batch_size": 64, "data.streams": 1, "data.stream_cpus": 0.25,
-            "scaling.cpus_per_worker": 0.5, "objective.backbone_args.width": 8}
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
 
 
 def losses(run: str) -> dict[int, float]:

@@ -1,8 +1,10 @@
 """wav2vec2 backbones and objective through the registries, on tiny models and synthetic audio."""
 from __future__ import annotations
 
+import json
 import math
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,3 +262,36 @@ def test_throughput_printed(single_thread: int) -> None:
         best = min(best, time.perf_counter() - start)
     rate = 16 / best
     print(f"\nwav2vec2_small fwd+bwd: {rate:.1f} utterances/s (batch 16 x 1 s at 16 kHz, {torch.get_num_threads()} threads)")
+
+
+REFERENCE = Path(__file__).parent / "data" / "wav2vec2_reference.json"
+
+
+def test_context_network_computes_what_torchaudios_encoder_did() -> None:
+    """The reference was computed by this function's body on the version built on torchaudio's private
+    `_get_encoder` (selfsup 6803e28): the same seed gives the same weights (names, shapes, values), and
+    the same input gives the same outputs in eval mode and, under a seed, in train mode (dropout, layer drop,
+    and without layer drop, as the configs train)."""
+    ref = json.loads(REFERENCE.read_text())
+    torch.manual_seed(0)
+    enc = make_backbone("wav2vec2_small", **ref["args"])
+    wave = torch.randn(3, 6000, generator=torch.Generator().manual_seed(1))
+    length = torch.tensor([6000, 5000, 3000])
+    with torch.no_grad():
+        evaluated = enc.eval()(wave, length)
+        torch.manual_seed(2)
+        trained = enc.train()(wave, length)
+    state = {k: [list(v.shape), float(v.double().sum()), float(v.double().abs().sum())]
+             for k, v in enc.state_dict().items()}
+    assert list(state) == list(ref["state"])
+    for key, (shape, total, size) in ref["state"].items():
+        assert state[key][0] == shape, key
+        assert state[key][1:] == pytest.approx([total, size], rel=1e-6, abs=1e-6), key
+    torch.testing.assert_close(evaluated, torch.tensor(ref["eval"]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(trained, torch.tensor(ref["train"]), rtol=1e-5, atol=1e-5)
+    torch.manual_seed(0)
+    enc = make_backbone("wav2vec2_small", **{**ref["args"], "layer_drop": 0.0})  # the configs' setting
+    with torch.no_grad():
+        torch.manual_seed(2)
+        trained = enc.train()(wave, length)
+    torch.testing.assert_close(trained, torch.tensor(ref["train_no_layer_drop"]), rtol=1e-5, atol=1e-5)

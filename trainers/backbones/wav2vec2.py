@@ -16,9 +16,8 @@ from typing import Any, Optional, Sequence, Union, cast, overload
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchaudio.models.wav2vec2.components import _get_encoder
-
 from selfsup.trainers.backbones import BACKBONES
+from selfsup.trainers.backbones.context_network import ContextNetwork
 
 # The paper's conv feature encoder: [channels, kernel, stride] per layer; 20 ms hop, 25 ms field.
 BASE_CONV_LAYERS: list[list[int]] = [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2
@@ -136,14 +135,9 @@ class Wav2Vec2Encoder(nn.Module):
         self.feature_norm = nn.LayerNorm(in_ch)
         self.feature_proj = nn.Linear(in_ch, embed_dim)
         self.input_dropout = nn.Dropout(input_dropout)
-        # torchaudio's encoder; only its transformer (pos conv, post-LN layers) is kept.
-        self.transformer = _get_encoder(
-            in_features=in_ch, embed_dim=embed_dim, dropout_input=0.0,
-            pos_conv_kernel=pos_conv_kernel, pos_conv_groups=pos_conv_groups,
-            num_layers=num_layers, num_heads=num_heads, attention_dropout=attention_dropout,
-            ff_interm_features=ffn_dim, ff_interm_dropout=activation_dropout, dropout=dropout,
-            layer_norm_first=False, layer_drop=layer_drop,
-        ).transformer
+        self.transformer = ContextNetwork(
+            in_ch, embed_dim, num_layers, num_heads, ffn_dim, pos_conv_kernel, pos_conv_groups, dropout,
+            attention_dropout, activation_dropout, layer_drop)
         self.transformer.apply(_init_bert)
         _init_pos_conv(self.transformer, embed_dim)
 
