@@ -91,5 +91,7 @@ def ensure_ray(address: Optional[str] = None, local_cpus: float = 4) -> None:
         ray.init(address=address, log_to_driver=in_submitted_job())
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(local_cpus + 0.999)), include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
+    # address="local": a new instance of our own even where `ray start` left a cluster running on
+    # this machine (plain ray.init() would join that one and refuse num_cpus); --address auto joins it
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(local_cpus + 0.999)),
+             include_dashboard=False, log_to_driver=False, configure_logging=False)

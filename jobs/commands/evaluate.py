@@ -34,7 +34,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--worker-cpus", type=float, default=1.0, help="CPUs per extraction actor (default 1)")
     p.add_argument("--gpus", type=float, default=0.0, help="GPUs per extraction actor (default 0)")
     p.add_argument("--batch-size", type=int, default=256, help="eval batch size (default 256)")
-    p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local one)")
+    p.add_argument("--address", help="Ray cluster address, or `auto` for the cluster `ray start` runs on this machine (default: $RAY_ADDRESS, else start a local one)")
     p.add_argument("--no-ray", action="store_true", help="extract features in this process")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_storage_args(p)

@@ -36,7 +36,7 @@ def add_parser(sub: Any) -> None:
                    help="with --resume: accept changed data settings (batch size, seed, mix, run length, "
                         "sources; otherwise refused, as the data position would skip or repeat samples) and "
                         "go on with them from the start of the next epoch")
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else start a local one)")
+    p.add_argument("--address", help="Ray cluster address, or `auto` for the cluster `ray start` runs on this machine (default: $RAY_ADDRESS, else start a local one)")
     p.add_argument("--no-ray", action="store_true",
                    help="run the same loop in this process without Ray (one worker; local-process streams)")
     p.add_argument("--stop-after", type=int, metavar="STEP",

@@ -25,7 +25,7 @@ def add_parser(sub: Any) -> None:
                                                    "it names a zone; default now)")
     p.add_argument("--min-new-samples", type=int, metavar="N",
                    help="train only when at least N new samples arrived (default retrain.min_new_samples)")
-    p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local one)")
+    p.add_argument("--address", help="Ray cluster address, or `auto` for the cluster `ray start` runs on this machine (default: $RAY_ADDRESS, else start a local one)")
     p.add_argument("--no-ray", action="store_true", help="train and evaluate in this process, without Ray")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     add_storage_args(p)
