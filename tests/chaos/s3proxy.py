@@ -1,8 +1,11 @@
-"""A loopback HTTP proxy in front of moto_server that counts uploads and injects faults.
+"""A loopback HTTP proxy in front of moto_server (or fake-gcs-server) that counts uploads and injects faults.
 
     with S3Proxy(moto_s3.endpoint) as proxy:
         opts = {"endpoint_url": proxy.endpoint}
         proxy.drop_reply(method="PUT", path_contains="/lease.json", nth=1)  # moto applies it; the client hears nothing
+
+A fault matches a request by method and a substring of its path; a GCS multipart upload (whose object
+name travels in its body, not its path) also matches on "/<object name>".
 
 Every request is forwarded whole to moto; a dropped reply is read from moto (so the write happened) and then
 the client's connection is closed without a byte, which is what a lost response looks like on the wire.
@@ -10,9 +13,11 @@ the client's connection is closed without a byte, which is what a lost response 
 from __future__ import annotations
 
 import http.client
+import re
 import threading
 import time
 from dataclasses import dataclass, field
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 from urllib.parse import urlsplit
@@ -49,6 +54,14 @@ class _State:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+def _upload_name(headers: Message, body: bytes) -> str:
+    """" /<object name>" of a GCS multipart upload (its JSON metadata part), else ""."""
+    if "multipart/related" not in headers.get("Content-Type", ""):
+        return ""
+    m = re.search(rb'"name": ?"([^"]+)"', body[:4096])
+    return " /" + m.group(1).decode() if m else ""
+
+
 class S3Proxy:
     """ThreadingHTTPServer on 127.0.0.1 forwarding to `upstream` (http://127.0.0.1:PORT)."""
 
@@ -78,12 +91,12 @@ class S3Proxy:
 
             def _handle(self) -> None:
                 body = self._body()
-                rec = Request(self.command, self.path, len(body))
+                rec = Request(self.command, self.path + _upload_name(self.headers, body), len(body))
                 with state.lock:
                     state.requests.append(rec)
                     fault = None
                     for f in state.faults:
-                        if f.method == self.command and f.path_contains in self.path:
+                        if f.method == self.command and f.path_contains in rec.path:
                             f.seen += 1
                             if f.seen == f.nth or f.nth == 0:
                                 f.fired += 1

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import pytest
 
 from selfsup.jobs.cli import main
-from selfsup.jobs.training import RunTaken, TrainOptions, train
+from selfsup.jobs.training import RunTaken, TrainerLease, TrainOptions, train
 from selfsup.pipeline import storage
 from selfsup.pipeline.config import load_config
 from selfsup.trainers import checkpoint as ck
@@ -70,10 +70,10 @@ def wait_for_checkpoint(run: str, thread: threading.Thread, timeout: float = 120
     raise AssertionError("no checkpoint appeared")
 
 
-def someone_else(url: str) -> None:
+def someone_else(url: str, opts: dict[str, Any] | None = None) -> None:
     """Another holder's live lease body written over the lease: what a taker does once it expired."""
     storage.write_bytes(url, json.dumps({"owner": "intruder-1", "expires": time.time() + 600,
-                                         "released": False}).encode())
+                                         "released": False}).encode(), opts)
 
 
 def test_a_second_live_trainer_of_a_run_folder_is_refused(fm, tmp_path):
@@ -87,6 +87,25 @@ def test_a_second_live_trainer_of_a_run_folder_is_refused(fm, tmp_path):
     assert "error" not in out and out["result"].state == rf.FINISHED and out["result"].step == 30
     assert [m["step"] for m in rf.read_metrics(run)] == list(range(1, 31))  # one writer: each step once
     assert json.loads(storage.read_text(rf.trainer_lease_url(run)))["released"] is True
+
+
+def test_the_trainer_lease_on_object_storage_refuses_a_second_trainer_and_is_released(object_store):
+    """TrainerLease on s3:// and gs://: created, replaced and released by conditional writes."""
+    run, opts = object_store.bucket("lease") + "/run", object_store.options
+    url = rf.trainer_lease_url(run)
+    cfg = config(run, "unused-data", **{f"storage.{k}": v for k, v in (opts or {}).items()})
+    with TrainerLease(cfg, TrainOptions(lease_seconds=30)) as held:
+        with pytest.raises(ValueError, match="is being trained by another trainer"):
+            TrainerLease(cfg, TrainOptions()).__enter__()
+        assert held.lease is not None
+        held.lease.update(stop="asked")  # a replace matched to the version this trainer wrote
+        assert not held.lost
+    body = json.loads(storage.read_text(url, opts))
+    assert body["released"] is True and body["stop"] == "asked" and body["owner"] == held.lease.owner
+    with TrainerLease(cfg, TrainOptions(lease_seconds=30)) as again:  # a released lease is free to take
+        someone_else(url, opts)
+        assert again.lost
+    assert json.loads(storage.read_text(url, opts))["owner"] == "intruder-1"  # leaving did not overwrite it
 
 
 def test_a_trainer_whose_lease_was_taken_stops_at_once_writing_nothing_more(fm, tmp_path):

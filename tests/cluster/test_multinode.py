@@ -1,6 +1,6 @@
 """selfsup on a real multi-node Ray cluster (tests/cluster/conftest.py): streams on stream nodes,
-trainers on trainer nodes, and nodes lost mid-epoch and mid-run, each with the exact delivered
-sample set or the per-step losses asserted against an undisturbed run."""
+trainers on trainer nodes, a run on GCS, and nodes lost mid-epoch and mid-run, each with the exact
+delivered sample set or the per-step losses asserted against an undisturbed run."""
 from __future__ import annotations
 
 import threading
@@ -15,7 +15,7 @@ from selfsup.pipeline.feed import BatchFeed
 from selfsup.trainers import checkpoint as ck
 from selfsup.trainers import run_folder as rf
 from tests.chaos.test_stream_faults import dataset_on_s3
-from tests.conftest import ROOT
+from tests.conftest import ROOT, check_run_and_evaluate_on_gcs
 
 pytestmark = pytest.mark.cluster
 CONFIG = str(ROOT / "jobs" / "configs" / "simclr_image.yaml")
@@ -62,6 +62,17 @@ def test_streams_run_on_stream_nodes_and_trainers_on_trainer_nodes(multinode, on
     assert len(workers) == 2 and {p[1] for p in workers} == {"trainer"}
     assert len({p[2] for p in workers}) == 2  # one per trainer node (trainer: 1 each)
     assert ck.read_meta(ck.latest_checkpoint(run))["step"] == 4
+
+
+def test_two_workers_on_gcs_then_evaluate(multinode, fake_gcs, fm_on_gcs):
+    """A 2-worker run with data and run folder on gs:// (fake-gcs-server): streams and workers on their
+    nodes read and write GCS with the options the config carries; its checkpoint is evaluated from GCS."""
+    run = fake_gcs.bucket("runs") + "/two-workers"
+    storage_args = {f"storage.{k}": v for k, v in fake_gcs.options.items()}
+    args = overrides(run, fm_on_gcs, **{"train.steps": 4, "train.ckpt_every": 4, "scaling.num_workers": 2,
+                                        "data.batch_size": 32}, **storage_args)
+    assert main(["pretrain", CONFIG, *args, "--address", multinode.address, "--quiet"]) == 0
+    check_run_and_evaluate_on_gcs(run, fm_on_gcs, fake_gcs.options, steps=4, world_size=2)
 
 
 def test_a_stream_node_removed_mid_epoch_loses_and_repeats_nothing(multinode, on_s3):

@@ -1,4 +1,5 @@
-"""`selfsup shards write|ls|verify|rm` on real media, locally and on S3 (moto_server)."""
+"""`selfsup shards write|ls|verify|rm` on real media, locally and on S3 (moto_server); manifest
+appends on S3 and GCS (fake-gcs-server)."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -154,6 +156,29 @@ def test_two_concurrent_writers_lose_no_row(tmp_path, moto_s3):
     for r in rows:
         keys |= set(load_index(storage.join(dest, r["index"])).keys)
     assert len(keys) == 600 and any(k.startswith("fmnist-test") for k in keys)
+
+
+def test_concurrent_manifest_appends_claim_distinct_parts(object_store):
+    """Writers appending manifest rows at once (threads here, processes above) each get a part of their own."""
+    dest, opts = object_store.bucket("parts") + "/ds", object_store.options
+    writers, per = 4, 4
+    barrier, claimed = threading.Barrier(writers), []
+
+    def work(i: int) -> None:
+        barrier.wait()
+        for j in range(per):
+            row = {"path": f"w{i}-{j}.tar", "index": f"w{i}-{j}.idx", "modality": "image", "split": "pretrain",
+                   "n_samples": 1, "n_bytes": 1, "sha256": "0" * 64}
+            claimed.append(manifest.append_rows(dest, [row], opts))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(claimed)) == writers * per  # no two writers claimed one part
+    paths = [r["path"] for r in manifest.read_manifest(dest, opts)]
+    assert sorted(paths) == sorted(f"w{i}-{j}.tar" for i in range(writers) for j in range(per))
 
 
 def test_killed_writer_leaves_nothing_visible_and_rerun_completes(tmp_path):

@@ -1,54 +1,60 @@
-"""Storage on local paths, memory:// and the S3 API (moto_server): atomic writes, ranges, leases."""
+"""Storage on local paths, memory://, the S3 API (moto_server) and the GCS API (fake-gcs-server):
+atomic writes, ranges, conditional writes, and the bound on retries."""
 from __future__ import annotations
 
 import errno
 import logging
 import os
+import socket
+import threading
+import time
 
 import pytest
 
-from selfsup.pipeline import storage
+from selfsup.pipeline import retries, storage
 
 
-@pytest.fixture(params=["local", "s3", "memory"])
-def root(request, tmp_path, moto_s3):
+@pytest.fixture(params=["local", "s3", "gs", "memory"])
+def root(request, tmp_path):
+    """(a folder URL, the storage options that reach it)."""
     if request.param == "local":
-        return str(tmp_path / "store")
-    if request.param == "s3":
-        return moto_s3.bucket("store") + "/prefix"
-    return f"memory://selfsup-test-{os.getpid()}-{id(request)}"
+        return str(tmp_path / "store"), None
+    if request.param in ("s3", "gs"):
+        store = request.getfixturevalue("moto_s3" if request.param == "s3" else "fake_gcs")
+        return store.bucket("store") + "/prefix", store.options
+    return f"memory://selfsup-test-{os.getpid()}-{id(request)}", None
 
 
 def test_write_read_range_list_delete(root):
-    url = storage.join(root, "a", "b.bin")
-    storage.write_bytes(url, b"0123456789")
-    assert storage.read_bytes(url) == b"0123456789"
-    assert storage.read_bytes(url, 3, 7) == b"3456"
-    assert storage.size(url) == 10
-    assert storage.exists(url)
-    assert storage.listdir(storage.join(root, "a")) == [url]
-    storage.delete(url)
-    assert not storage.exists(url)
+    base, opts = root
+    url = storage.join(base, "a", "b.bin")
+    storage.write_bytes(url, b"0123456789", opts)
+    assert storage.read_bytes(url, options=opts) == b"0123456789"
+    assert storage.read_bytes(url, 3, 7, opts) == b"3456"
+    assert storage.size(url, opts) == 10
+    assert storage.exists(url, opts)
+    assert storage.listdir(storage.join(base, "a"), opts) == [url]
+    storage.delete(url, options=opts)
+    assert not storage.exists(url, opts)
     with pytest.raises(FileNotFoundError):
-        storage.read_bytes(url)
+        storage.read_bytes(url, options=opts)
 
 
-@pytest.mark.parametrize("kind", ["local", "s3"])
-def test_conditional_writes(kind, tmp_path, moto_s3):
-    base = str(tmp_path) if kind == "local" else moto_s3.bucket("lease")
+def test_conditional_writes(root):
+    base, opts = root
     url = storage.join(base, "lease.json")
-    assert storage.write_if_absent(url, b"one")
-    assert not storage.write_if_absent(url, b"two")
-    data, version = storage.read_versioned(url)
+    if base.startswith("memory://"):
+        with pytest.raises(ValueError, match="not supported on memory://"):
+            storage.write_if_absent(url, b"one", opts)
+        return
+    assert storage.write_if_absent(url, b"one", opts)
+    assert not storage.write_if_absent(url, b"two", opts)
+    data, version = storage.read_versioned(url, opts)
     assert data == b"one"
-    assert storage.write_if_version(url, b"three", version)
-    assert not storage.write_if_version(url, b"four", version)  # stale version loses
-    assert storage.read_bytes(url) == b"three"
-
-
-def test_conditional_writes_refused_where_unsupported():
-    with pytest.raises(ValueError, match="not supported on memory://"):
-        storage.write_if_absent("memory://x/lease.json", b"1")
+    assert storage.write_if_version(url, b"three", version or "", opts)
+    assert not storage.write_if_version(url, b"four", version or "", opts)  # stale version loses
+    assert storage.read_versioned(url, opts)[0] == b"three"
+    assert storage.read_versioned(storage.join(base, "absent.json"), opts) == (None, None)
 
 
 def test_transient_errors_are_retried_then_raised(caplog):
@@ -72,6 +78,61 @@ def test_transient_errors_are_retried_then_raised(caplog):
     with pytest.raises(FileNotFoundError):
         storage.retrying(missing, "x", base_delay=0.001)
     assert len(calls) == 1  # not transient: no retry
+
+
+class Outage:
+    """An HTTP server on 127.0.0.1 answering every request 503 Service Unavailable, counting them."""
+
+    REPLY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+             b"Content-Length: 71\r\n\r\n<Error><Code>ServiceUnavailable</Code><Message>outage</Message></Error>")
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.endpoint = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.requests, self.done = 0, threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.done.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            with conn:
+                conn.settimeout(2)
+                head = b""
+                while b"\r\n\r\n" not in head and (chunk := conn.recv(4096)):
+                    head += chunk
+                self.requests += 1
+                conn.sendall(self.REPLY)
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+def test_an_outage_fails_within_the_stated_bound_after_one_layer_of_retries(monkeypatch):
+    """s3fs's and botocore's retries are off: ATTEMPTS requests, no more, and at most wait_bound seconds asleep."""
+    monkeypatch.setattr(retries, "ATTEMPTS", 3)
+    bound = retries.wait_bound(3)
+    assert bound == 1.5  # 0.5 + 1
+    server = Outage()
+    opts = {"endpoint_url": server.endpoint, "key": "AKIAOUTAGEKEY0000000", "secret": "outage-secret"}
+    try:
+        start = time.monotonic()
+        with pytest.raises(retries.StorageUnavailable) as err:
+            storage.read_bytes("s3://bucket/data/shard-000.tar", 0, 10, opts)
+        took = time.monotonic() - start
+    finally:
+        server.close()
+    assert server.requests == 3  # one layer: three layers of 3-5 attempts each would make dozens
+    assert 0.5 * bound <= took <= bound + 3.0, took  # jitter sleeps at least half of each step
+    text = str(err.value)
+    assert text.startswith("s3://bucket/data/shard-000.tar: ") and "after 3 attempt(s)" in text
+    assert "outage-secret" not in text and "AKIAOUTAGEKEY" not in text
 
 
 def test_credentials_are_redacted():

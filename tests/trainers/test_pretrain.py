@@ -1,5 +1,5 @@
-"""`selfsup pretrain` on a real local Ray cluster: 2-worker CPU DDP, checkpoints on moto S3,
-exact resume, restart after a killed worker, and load_encoder from S3."""
+"""`selfsup pretrain` on a real local Ray cluster: 2-worker CPU DDP, checkpoints on moto S3, exact
+resume, restart after a killed worker, load_encoder from S3, and a run evaluated on GCS."""
 from __future__ import annotations
 
 import os
@@ -13,7 +13,7 @@ import torch
 
 from selfsup.jobs.cli import main
 from selfsup.pipeline import storage
-from tests.conftest import FMNIST, ROOT, run_cli
+from tests.conftest import FMNIST, ROOT, check_run_and_evaluate_on_gcs, run_cli
 from tests.conftest import pretrain_overrides as overrides
 from selfsup.trainers import checkpoint as ck
 from selfsup.trainers import run_folder as rf
@@ -64,6 +64,16 @@ def test_two_worker_ddp_on_s3_and_load_encoder(ray_cluster, moto_s3, fm_shards):
     x = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(enc(x), objective.encoder().eval()(x))
+
+
+def test_a_run_and_its_evaluation_on_gcs(fake_gcs, fm_on_gcs):
+    """Data, run folder, trainer lease, metrics and checkpoints on gs:// (one process, inline feed)."""
+    run = fake_gcs.bucket("runs") + "/inline"
+    storage_args = {f"storage.{k}": v for k, v in fake_gcs.options.items()}
+    args = overrides(run, fm_on_gcs, 2, **{"train.ckpt_every": 2, "data.batch_size": 32, "data.backend": "inline"},
+                     **storage_args)
+    assert main(["pretrain", CONFIG, *args, "--no-ray", "--quiet"]) == 0
+    check_run_and_evaluate_on_gcs(run, fm_on_gcs, fake_gcs.options, steps=2, world_size=1)
 
 
 def test_resume_gives_the_same_losses(ray_cluster, tmp_path, fm_shards):
