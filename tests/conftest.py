@@ -517,3 +517,61 @@ def read_tb_scalars(folder: str, options: dict | None = None) -> dict[str, list[
             for value in event.summary.value:
                 out.setdefault(value.tag, []).append((event.step, value.simple_value))
     return out
+
+
+# ---------------------------------------------------------------- shared test data
+
+ARGS = {"size": 28, "channels": 1}  # image modality arguments at Fashion-MNIST's size
+
+
+def jpeg(img: np.ndarray) -> bytes:
+    """`img` as a quality-95 JPEG."""
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert ok
+    return buf.tobytes()
+
+
+def images(n: int, poison: set[int], prefix: str = "img") -> list[tuple[str, dict[str, bytes]]]:
+    """n Fashion-MNIST test JPEGs as (key, members); those at `poison` carry the `kill` member
+    tests/chaos/poison.py's modality dies on."""
+    from selfsup.pipeline.sources.fashion_mnist import fmnist_arrays
+
+    pics, _ = fmnist_arrays(str(FMNIST), "test")
+    return [(f"{prefix}-{i:03d}", {"jpg": jpeg(pics[i]), **({"kill": b"1"} if i in poison else {})})
+            for i in range(n)]
+
+
+def dataset_on_s3(moto_s3: Any, bucket: str, n: int, shards: int, seed: int) -> dict[str, Any]:
+    """n Fashion-MNIST JPEGs in `shards` equal shards on moto S3, and the batches (8 a batch) of a
+    clean inline epoch of them: the reference a disturbed run is compared with."""
+    from selfsup.pipeline.batch import FeedSpec
+    from selfsup.pipeline.feed import BatchFeed
+    from selfsup.pipeline.snapshot import SourceSpec, build_snapshot
+
+    dest = moto_s3.bucket(bucket) + "/ds"
+    samples, per = images(n, set()), n // shards
+    for k in range(shards):
+        add_shard(dest, f"pretrain-{k:06d}", samples[per * k: per * (k + 1)], "image")
+    snap = build_snapshot([SourceSpec(url=dest, split="pretrain")])
+    spec = FeedSpec(snap, 8, modality_args=ARGS, seed=seed)
+    with BatchFeed(spec, backend="inline") as feed:
+        clean = [feed.next() for _ in range(feed.steps_per_epoch())]
+    return {"url": dest, "snapshot": snap, "keys": shard_keys(snap), "clean": clean, "spec": spec}
+
+
+# every value below is a planted secret: none may survive redaction
+PLANTED = {
+    "aws_access_key_id": "AKIAPLANTED000000001",
+    "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMIplanted7MDENGbPxRfiCYEXAMPL",
+    "headers": {"Authorization": "Bearer planted.bearer.token", "X-Api-Key": "planted-api-key"},
+    "connection_string": "DefaultEndpointsProtocol=https;AccountName=me;AccountKey=plantedAccountKey==",
+    "passwd": "planted-passwd",
+    "client_kwargs": {"aws_session_token": "planted-session-token"},
+    "sas_token": "planted-sas",
+}
+SECRETS = ["AKIAPLANTED000000001", "wJalrXUtnFEMIplanted7MDENGbPxRfiCYEXAMPL", "planted.bearer.token",
+           "planted-api-key", "plantedAccountKey", "planted-passwd", "planted-session-token", "planted-sas",
+           "planted-urlpass"]
+URL = "sftp://alice:planted-urlpass@files.example/data"

@@ -17,19 +17,11 @@ from selfsup.pipeline import storage
 from selfsup.pipeline.batch import KILLED, BatchMaker
 from selfsup.pipeline.feed import BatchFeed, PoisonBatchError
 from selfsup.pipeline.snapshot import SourceSpec, build_snapshot
-from selfsup.pipeline.sources.fashion_mnist import fmnist_arrays
 from tests.chaos.poison import NAME, PoisonSpec
-from tests.conftest import FMNIST, add_shard, shard_keys
-from tests.pipeline.test_feed import ARGS, jpeg
+from tests.conftest import ARGS, add_shard, images, shard_keys
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 PILL = "img-013"
-
-
-def images(n: int, poison: set[int], prefix: str = "img") -> list[tuple[str, dict[str, bytes]]]:
-    pics, _ = fmnist_arrays(str(FMNIST), "test")
-    return [(f"{prefix}-{i:03d}", {"jpg": jpeg(pics[i]), **({"kill": b"1"} if i in poison else {})})
-            for i in range(n)]
 
 
 @pytest.fixture(scope="module")

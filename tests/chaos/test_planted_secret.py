@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 
 from selfsup.jobs.cli import main
-from tests.conftest import FMNIST, ROOT, leaks, run_cli
-from tests.pipeline.test_secrets import PLANTED, SECRETS, URL
+from tests.conftest import FMNIST, PLANTED, ROOT, SECRETS, URL, leaks, run_cli
 
 CONFIG = str(ROOT / "jobs" / "configs" / "simclr_image.yaml")
 

@@ -14,27 +14,10 @@ import pytest
 
 from selfsup.pipeline.batch import FeedSpec, ShardReadError
 from selfsup.pipeline.feed import BatchFeed
-from selfsup.pipeline.snapshot import SourceSpec, build_snapshot
 from tests.chaos.s3proxy import S3Proxy
-from tests.chaos.test_bad_samples import images
-from tests.conftest import add_shard, shard_keys
-from tests.pipeline.test_feed import ARGS
+from tests.conftest import ARGS, dataset_on_s3
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
-
-
-def dataset_on_s3(moto_s3: Any, bucket: str, n: int, shards: int, seed: int) -> dict[str, Any]:
-    """n Fashion-MNIST JPEGs in `shards` equal shards on moto S3, and the batches (8 a batch) of a
-    clean inline epoch of them: the reference a disturbed run is compared with."""
-    dest = moto_s3.bucket(bucket) + "/ds"
-    samples, per = images(n, set()), n // shards
-    for k in range(shards):
-        add_shard(dest, f"pretrain-{k:06d}", samples[per * k: per * (k + 1)], "image")
-    snap = build_snapshot([SourceSpec(url=dest, split="pretrain")])
-    spec = FeedSpec(snap, 8, modality_args=ARGS, seed=seed)
-    with BatchFeed(spec, backend="inline") as feed:
-        clean = [feed.next() for _ in range(feed.steps_per_epoch())]
-    return {"url": dest, "snapshot": snap, "keys": shard_keys(snap), "clean": clean, "spec": spec}
 
 
 @pytest.fixture(scope="module")

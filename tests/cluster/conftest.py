@@ -14,8 +14,9 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.conftest import TRAIN_POLL, restore_environ
+from tests.conftest import ROOT, TRAIN_POLL, restore_environ
 
+CONFIG = str(ROOT / "jobs" / "configs" / "simclr_image.yaml")
 NODE = {"node_ip_address": "127.0.0.1", "object_store_memory": 100 * 2**20, "include_dashboard": False}
 
 
@@ -81,3 +82,14 @@ def multinode(moto_s3: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         ray.shutdown()
         cluster.shutdown()
         restore_environ(saved)
+
+
+def overrides(run: str, data: str, **extra: object) -> list[str]:
+    """`selfsup pretrain` overrides for a small run on this cluster: streams on stream nodes, workers on
+    trainer nodes, CPU-sized; `extra` (dotted key → value) wins."""
+    base = {"run": run, "data.sources": f"[{{url: {data}}}]", "train.warmup_steps": 2, "train.log_every": 1,
+            "data.batch_size": 16, "data.modality_args": "{size: 28, channels: 1}", "data.streams": 1,
+            "data.stream_cpus": 0.25, "data.stream_resources": "{stream: 1}", "scaling.cpus_per_worker": 0.25,
+            "scaling.resources_per_worker": "{trainer: 1}", "objective.backbone_args.width": 8}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

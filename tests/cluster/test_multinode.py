@@ -14,11 +14,10 @@ from selfsup.jobs.cli import main
 from selfsup.pipeline.feed import BatchFeed
 from selfsup.trainers import checkpoint as ck
 from selfsup.trainers import run_folder as rf
-from tests.chaos.test_stream_faults import dataset_on_s3
-from tests.conftest import ROOT, check_run_and_evaluate_on_gcs
+from tests.cluster.conftest import CONFIG, overrides
+from tests.conftest import check_run_and_evaluate_on_gcs, dataset_on_s3
 
 pytestmark = pytest.mark.cluster
-CONFIG = str(ROOT / "jobs" / "configs" / "simclr_image.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +31,6 @@ def actors_by_class(names: tuple[str, ...]) -> list[dict[str, Any]]:
     import ray
 
     return [a for a in ray._private.state.actors().values() if a["ActorClassName"] in names]  # noqa: SLF001
-
-
-def overrides(run: str, data: str, **extra: object) -> list[str]:
-    base = {"run": run, "data.sources": f"[{{url: {data}}}]", "train.warmup_steps": 2, "train.log_every": 1,
-            "data.batch_size": 16, "data.modality_args": "{size: 28, channels: 1}", "data.streams": 1,
-            "data.stream_cpus": 0.25, "data.stream_resources": "{stream: 1}", "scaling.cpus_per_worker": 0.25,
-            "scaling.resources_per_worker": "{trainer: 1}", "objective.backbone_args.width": 8}
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
 
 
 def test_streams_run_on_stream_nodes_and_trainers_on_trainer_nodes(multinode, on_s3, moto_s3, capsys):

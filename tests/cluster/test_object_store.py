@@ -14,7 +14,7 @@ from selfsup.pipeline.batch import FeedSpec
 from selfsup.pipeline.feed import BatchFeed
 from selfsup.pipeline.snapshot import SourceSpec, build_snapshot
 from selfsup.trainers import run_folder as rf
-from tests.cluster.test_multinode import CONFIG, overrides
+from tests.cluster.conftest import CONFIG, overrides
 from tests.conftest import PHOTOS, run_cli
 
 pytestmark = pytest.mark.cluster

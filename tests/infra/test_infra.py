@@ -620,12 +620,16 @@ def test_dockerfile_installs_the_packages_with_constraints() -> None:
         for cmd in re.split(r"&&|;", run)
         if "pip install" in cmd
     ]
-    project = [argv for argv in installs if "." in argv]
+    project = [argv for argv in installs if "." in argv or any(a.startswith(".[") for a in argv)]
     assert project, f"no `pip install ... .` among {installs}"
     for argv in installs:
         assert "-c" in argv and argv[argv.index("-c") + 1] == "constraints.txt", argv
-        assert not [a for a in argv if a.startswith(".[")], f"extras installed: {argv}"
+        extras = {e for a in argv if a.startswith(".[") for e in a[2:-1].split(",")}
+        # the clouds' extras (gs:// on infra/gcp, MLflow tracking); never the test or export tools
+        assert extras <= {"gcs", "mlflow"}, f"extras installed: {argv}"
         assert "-e" not in argv and "--editable" not in argv, f"editable install: {argv}"
+    assert any("gcs" in {e for a in argv if a.startswith(".[") for e in a[2:-1].split(",")} for argv in project), \
+        "the image cannot read gs:// (infra/gcp) without the gcs extra"
 
 
 def test_dockerfile_runs_as_nonroot_without_entrypoint() -> None:

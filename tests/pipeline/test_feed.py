@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence
 
-import cv2
 import numpy as np
 import pytest
 
@@ -13,10 +12,9 @@ from selfsup.pipeline.batch import FeedSpec, SampleDecodeError
 from selfsup.pipeline.feed import BatchFeed
 from selfsup.pipeline.snapshot import SourceSpec, build_snapshot
 from selfsup.pipeline.sources.fashion_mnist import fmnist_arrays
-from tests.conftest import FMNIST, add_shard, planned_keys, run_cli, shard_keys
+from tests.conftest import ARGS, FMNIST, add_shard, jpeg, planned_keys, run_cli, shard_keys
 
 BATCH = 28  # 600 samples → 21 micro-batches (12 samples dropped); two ranks → 10 steps, one batch dropped
-ARGS = {"size": 28, "channels": 1}
 ARRAYS = ("view1", "view2")
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -158,12 +156,6 @@ def test_local_and_inline_backends_make_the_same_bytes_as_ray(spec: FeedSpec,
 
 
 # ---------------------------------------------------------------- bad data
-
-
-def jpeg(img: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
-    assert ok
-    return buf.tobytes()
 
 
 @pytest.fixture(scope="module")

@@ -7,21 +7,8 @@ import yaml
 
 from selfsup.pipeline import storage
 from selfsup.pipeline.config import from_dict, to_dict, to_yaml
+from tests.conftest import PLANTED, SECRETS, URL
 
-# every value below is a planted secret: none may survive redaction
-PLANTED = {
-    "aws_access_key_id": "AKIAPLANTED000000001",
-    "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMIplanted7MDENGbPxRfiCYEXAMPL",
-    "headers": {"Authorization": "Bearer planted.bearer.token", "X-Api-Key": "planted-api-key"},
-    "connection_string": "DefaultEndpointsProtocol=https;AccountName=me;AccountKey=plantedAccountKey==",
-    "passwd": "planted-passwd",
-    "client_kwargs": {"aws_session_token": "planted-session-token"},
-    "sas_token": "planted-sas",
-}
-SECRETS = ["AKIAPLANTED000000001", "wJalrXUtnFEMIplanted7MDENGbPxRfiCYEXAMPL", "planted.bearer.token",
-           "planted-api-key", "plantedAccountKey", "planted-passwd", "planted-session-token", "planted-sas",
-           "planted-urlpass"]
-URL = "sftp://alice:planted-urlpass@files.example/data"
 
 
 def assert_clean(text: str) -> None:

@@ -17,8 +17,7 @@ from selfsup.trainers import run_folder as rf
 from selfsup.trainers.config import PretrainConfig
 from selfsup.trainers.recorder import MetricsRecorder, RunFolderSink
 from tests.chaos.s3proxy import S3Proxy
-from tests.conftest import FMNIST, ROOT, leaks, read_tb_scalars
-from tests.pipeline.test_secrets import PLANTED, SECRETS, URL
+from tests.conftest import FMNIST, PLANTED, ROOT, SECRETS, URL, leaks, read_tb_scalars
 
 CONFIG = str(ROOT / "jobs" / "configs" / "simclr_image.yaml")
 TINY = ["data.batch_size=8", "data.mix=2", "data.streams=1", "data.backend=inline", "objective.backbone_args.width=8",
