@@ -71,7 +71,8 @@ def plan_job(kind: str, target: str, forwarded: list[str],
         cfg = resolved_config(target, []) if is_config(target) else None
         run_url = cfg.run if cfg else storage.full_url(target)
         cluster = cluster or (cfg.cluster if cfg else run_cluster(run_url))
-        return {"kind": kind, "argv": ["evaluate", run_url, *absolute_eval_sets(forwarded)], "config": None,
+        args = public_storage_options(absolute_eval_sets(forwarded))  # no config to carry them: argv does
+        return {"kind": kind, "argv": ["evaluate", run_url, *args], "config": None,
                 "cluster": cluster, "run": run_url, "local": [run_url] if storage.is_local(run_url) else [],
                 "metadata": metadata(kind, run_url, cluster or ClusterConfig())}
     cfg = resolved_config(ns.config, ns.overrides, storage_options(ns))
@@ -121,6 +122,30 @@ def without_storage_options(args: list[str]) -> list[str]:
         if not skip and a != "--storage-option" and not a.startswith("--storage-option="):
             out.append(a)
         skip = a == "--storage-option" and not skip
+    return out
+
+
+def public_storage_options(args: list[str]) -> list[str]:
+    """`args` with every `--storage-option` whose key names a credential left out (with a warning): a
+    job's argv is shown by `ray job list`. Endpoint, region and the like stay; credentials come from
+    the cluster's own identity."""
+    out: list[str] = []
+    dropped: list[str] = []
+    it = iter(args)
+    for a in it:
+        if a == "--storage-option" or a.startswith("--storage-option="):
+            value = a.split("=", 1)[1] if "=" in a and a.startswith("--storage-option=") else next(it, "")
+            key = value.split("=", 1)[0]
+            if storage.is_secret_name(key):
+                dropped.append(key)
+            else:
+                out += ["--storage-option", value]
+            continue
+        out.append(a)
+    if dropped:
+        print(f"selfsup submit: not forwarding --storage-option {', '.join(dropped)} (credentials would be shown "
+              "by `ray job list`); the job's nodes use their own identity (instance profile, Workload Identity)",
+              file=sys.stderr)
     return out
 
 

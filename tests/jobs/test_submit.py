@@ -203,7 +203,7 @@ def test_jobs_stop_and_token_errors(head, fm, tmp_path):
     assert bad.returncode == 2 and "rejected the token" in bad.stderr, bad.stderr
 
 
-def test_submit_refuses_credentials_and_bad_arguments_before_submitting(fm, tmp_path):
+def test_submit_refuses_credentials_and_bad_arguments_before_submitting(fm, tmp_path, capsys):
     from selfsup.jobs.cluster.submit import plan_job, watch_args
     from selfsup.pipeline.config import to_yaml
 
@@ -224,6 +224,11 @@ def test_submit_refuses_credentials_and_bad_arguments_before_submitting(fm, tmp_
     assert named["argv"] == ["pretrain", "<config>", "--stop-after", "5"]  # a job's argv is public: options go
     shipped = to_yaml(named["config"])                                   # into the config, credentials stripped
     assert "endpoint_url: http://m:9" in shipped and "sekrit" not in shipped
+    evaluate = plan_job("evaluate", f"{tmp_path}/runs/x", ["--eval-set", "fm=data/fm", "--storage-option",
+                                                          "endpoint_url=http://m:9", "--storage-option=secret=sekrit"])
+    assert evaluate["argv"] == ["evaluate", f"{tmp_path}/runs/x", "--eval-set", f"fm={os.path.abspath('data/fm')}",
+                                "--storage-option", "endpoint_url=http://m:9"]  # no config: the endpoint rides argv
+    assert "not forwarding --storage-option secret" in capsys.readouterr().err
     res = run_cli("submit", "pretrain", CONFIG, "train.nonsense=1", "--address", "http://127.0.0.1:9")
     assert res.returncode == 2 and "train.nonsense" in res.stderr
 
