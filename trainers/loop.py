@@ -30,11 +30,14 @@ from selfsup.pipeline.snapshot import load_snapshot
 from selfsup.trainers import checkpoint as ck
 from selfsup.trainers import run_folder
 from selfsup.trainers.config import PretrainConfig, config_digest
-from selfsup.trainers.inputs import to_device
+from selfsup.trainers import scaling
 from selfsup.trainers.objectives import Objective, make_objective
 from selfsup.trainers.objectives.base import as_module
 from selfsup.trainers.optim import build_optimizer, lr_at, set_lr
 from selfsup.trainers.reporting import LocalReporter, RayReporter, Reporter
+from selfsup.trainers.speedups import compile_model, ddp_options, set_cudnn_benchmark, to_channels_last
+from selfsup.trainers.staging import DeviceStager, default_staging
+from selfsup.trainers.steptimer import StepTimer
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +72,15 @@ def feed_spec(cfg: PretrainConfig, objective: Objective) -> FeedSpec:
                     mask=objective.mask_spec(), on_error=d.on_error, storage_options=cfg.storage_options)
 
 
-def wrap_model(objective: nn.Module, world: int, in_ray: bool) -> tuple[nn.Module, torch.device]:
-    """DDP through Ray's prepare_model on 2+ workers; plain module otherwise."""
+def wrap_model(objective: nn.Module, world: int, in_ray: bool,
+               ddp: Optional[Mapping[str, Any]] = None) -> tuple[nn.Module, torch.device]:
+    """DDP through Ray's prepare_model on 2+ workers (`ddp`: its keyword arguments); plain module otherwise."""
     if in_ray:
         import ray.train.torch
 
         device = ray.train.torch.get_device()
         if world > 1:
-            return ray.train.torch.prepare_model(objective), device
+            return ray.train.torch.prepare_model(objective, parallel_strategy_kwargs=dict(ddp or {}) or None), device
         return objective.to(device), device
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return objective.to(device), device
@@ -89,13 +93,17 @@ def run_training(cfg: PretrainConfig, rank: int, world: int, reporter: Reporter,
     `new_plan`: the checkpoint's data position belongs to other data settings, so the data starts at
     the next epoch (the model, optimizer and step continue); `lease`: {"url", "owner"} of the trainer
     lease to watch every log step (a stop asked there: checkpoint and stop; lost: stop at once)."""
-    opts = cfg.storage_options
+    cfg = scaling.resolve(cfg, world)  # the recipe's per-GPU values → this world's lr and steps
+    opts, t = cfg.storage_options, cfg.train
     objective = build_objective(cfg)
-    model, device = wrap_model(as_module(objective), world, isinstance(reporter, RayReporter))
+    to_channels_last(as_module(objective), t.channels_last)
+    model, device = wrap_model(as_module(objective), world, isinstance(reporter, RayReporter),
+                               ddp_options(t.ddp_bucket_view, t.ddp_static_graph))
+    set_cudnn_benchmark(device, t.cudnn_benchmark)
+    model = compile_model(model, t.compile, t.compile_backend)
     core = objective  # the module inside `model` (DDP wraps it, .to() returns it)
-    t = cfg.train
     optimizer = build_optimizer(t.optimizer, core.param_groups(t.weight_decay), t.lr, t.weight_decay,
-                                tuple(t.betas), t.momentum)
+                                tuple(t.betas), t.momentum, fused=t.fused_adamw)
     feed = BatchFeed(feed_spec(cfg, core), rank, world, cfg.data.streams, cfg.data.prefetch, cfg.data.backend,
                      cfg.data.stream_cpus, cfg.data.stream_resources or None,
                      quarantine_url=run_folder.quarantine_url(cfg.run), max_deaths=cfg.data.max_worker_deaths)
@@ -153,10 +161,9 @@ def _autocast(device: torch.device, bf16: bool) -> Any:
     return contextlib.nullcontext()
 
 
-def _micro_step(model: nn.Module, batch: Mapping[str, Any], device: torch.device, cfg: PretrainConfig,
+def _micro_step(model: nn.Module, inputs: dict[str, torch.Tensor], device: torch.device, cfg: PretrainConfig,
                 sync: bool) -> Any:
     """Forward and backward of one micro-batch (gradient sync only on the last of an accumulation)."""
-    inputs = to_device(batch, device, cfg.data.mean, cfg.data.std)
     no_sync = getattr(model, "no_sync", None)
     ctx = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
     with ctx:
@@ -164,6 +171,30 @@ def _micro_step(model: nn.Module, batch: Mapping[str, Any], device: torch.device
             out = model(inputs)
         (out.loss / cfg.train.accum).backward()
     return out
+
+
+def train_step(cfg: PretrainConfig, rank: int, step: int, horizon: int, model: nn.Module, core: Objective,
+               optimizer: torch.optim.Optimizer, stager: DeviceStager, timer: StepTimer,
+               device: torch.device) -> list[Any]:
+    """One optimizer step over `train.accum` micro-batches; returns their LossOutputs (not yet read, so
+    no host-device sync happens inside). The next micro-batch is staged once each backward is queued."""
+    t = cfg.train
+    torch.manual_seed(stable_hash(t.seed, "step", step, rank) % (2**63))
+    set_lr(optimizer, lr_at(step, horizon, t.lr, t.warmup_steps, t.min_lr))
+    outs = []
+    for i in range(t.accum):
+        inputs = stager.next()
+        with timer.phase("fwd_bwd"):
+            outs.append(_micro_step(model, inputs, device, cfg, sync=i == t.accum - 1))
+        stager.prefetch()
+    with timer.phase("optimizer"):
+        if t.clip_grad:
+            nn.utils.clip_grad_norm_(core.parameters(), t.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        core.after_step(step + 1, horizon)
+    timer.step_done()
+    return outs
 
 
 def _steps(cfg: PretrainConfig, rank: int, world: int, model: nn.Module, core: Objective,
@@ -174,17 +205,17 @@ def _steps(cfg: PretrainConfig, rank: int, world: int, model: nn.Module, core: O
     last: dict[str, Any] = {}
     started, first, asked = time.monotonic(), step, until
     horizon = t.steps  # the step the schedule ends at: train.steps, or what fits in the time (time_schedule)
+    timer = StepTimer(device)
+    stager = DeviceStager(feed, device, cfg.data.mean, cfg.data.std, default_staging(device, t.stage_batches),
+                          t.channels_last, timer)
+    compile_s: Optional[float] = None
     while step < until:
-        torch.manual_seed(stable_hash(t.seed, "step", step, rank) % (2**63))
-        set_lr(optimizer, lr_at(step, horizon, t.lr, t.warmup_steps, t.min_lr))
-        for i in range(t.accum):
-            out = _micro_step(model, feed.next(), device, cfg, sync=i == t.accum - 1)
+        t0 = time.perf_counter()
+        for out in train_step(cfg, rank, step, horizon, model, core, optimizer, stager, timer, device):
             window.add(out, cfg.data.batch_size * world)
-        if t.clip_grad:
-            nn.utils.clip_grad_norm_(core.parameters(), t.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        core.after_step(step + 1, horizon)
+        if t.compile and compile_s is None:  # the first step compiled the objective: reported apart
+            compile_s = time.perf_counter() - t0
+            timer.reset()
         step += 1
         if t.time_limit_minutes and step % t.log_every == 0:
             elapsed = _elapsed(started, world)
@@ -208,7 +239,8 @@ def _steps(cfg: PretrainConfig, rank: int, world: int, model: nn.Module, core: O
                 return last
         ckpt_now = step % t.ckpt_every == 0 or step == until
         if step % t.log_every == 0 or ckpt_now:
-            last = window.metrics(step, optimizer.param_groups[0]["lr"], world, t.collapse_threshold)
+            last = {**window.metrics(step, optimizer.param_groups[0]["lr"], world, t.collapse_threshold),
+                    **timer.take(), **({"compile_s": compile_s} if compile_s is not None else {})}
             if t.time_schedule and t.time_limit_minutes:
                 last["horizon"] = horizon
             if rank == 0:
@@ -216,7 +248,7 @@ def _steps(cfg: PretrainConfig, rank: int, world: int, model: nn.Module, core: O
         if ckpt_now:  # every rank reports (a collective in Ray Train); only at checkpoints: a report
             # waits for the Ray Train controller's next poll (2 s by default), and metrics already
             # reach <run>/metrics.jsonl from rank 0, so a report per log step would stall every rank
-            _checkpoint(cfg, rank, world, core, optimizer, feed, step, reporter, last)
+            _checkpoint(cfg, rank, world, core, optimizer, stager.position, step, reporter, last)
     return last
 
 
@@ -329,13 +361,14 @@ def _log_metrics(cfg: PretrainConfig, m: Mapping[str, Any]) -> None:
 
 
 def _checkpoint(cfg: PretrainConfig, rank: int, world: int, core: Objective, optimizer: torch.optim.Optimizer,
-                feed: BatchFeed, step: int, reporter: Reporter, metrics: Mapping[str, Any]) -> None:
-    """Rank 0 writes state.pt and encoder.pt, reports them, then writes meta.json and prunes."""
+                position: Mapping[str, int], step: int, reporter: Reporter, metrics: Mapping[str, Any]) -> None:
+    """Rank 0 writes state.pt and encoder.pt, reports them, then writes meta.json and prunes; `position`
+    is the data position of the batches trained on (the feed may be one batch ahead)."""
     with tempfile.TemporaryDirectory(prefix="selfsup-ckpt-") as tmp:
         local = None
         if rank == 0:
             state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                     "feed": feed.state_dict(), "world": world}
+                     "feed": dict(position), "world": world}
             torch.save(state, os.path.join(tmp, ck.STATE))
             torch.save(core.encoder().state_dict(), os.path.join(tmp, ck.ENCODER))
             local = tmp
@@ -343,7 +376,7 @@ def _checkpoint(cfg: PretrainConfig, rank: int, world: int, core: Objective, opt
     if rank != 0:
         return
     url = storage.join(cfg.run, ck.CHECKPOINTS, ck.step_dir_name(step))
-    ck.write_meta(url, checkpoint_meta(cfg, core, step, world, feed.state_dict()), cfg.storage_options)
+    ck.write_meta(url, checkpoint_meta(cfg, core, step, world, position), cfg.storage_options)
     deleted = ck.prune(cfg.run, cfg.train.keep, cfg.train.keep_unevaluated, cfg.storage_options)
     for d in deleted:
         log.info("retention: deleted %s", storage.redact_url(d))

@@ -214,7 +214,8 @@ class Retrain:
     def run_config(self, name: str, init_from: Optional[str]) -> PretrainConfig:
         """The config of retrain run `name`: its folder, the retrain step count, the warm start."""
         c = self.cfg
-        train = dataclasses.replace(c.train, steps=c.retrain.steps or c.train.steps, init_from=init_from)
+        steps = {"steps": c.retrain.steps, "samples": None} if c.retrain.steps else {}  # retrain.steps wins
+        train = dataclasses.replace(c.train, init_from=init_from, **steps)
         return dataclasses.replace(c, run=storage.join(self.root, name), train=train)
 
     def train_and_judge(self, run_cfg: PretrainConfig, name: str, resume: bool) -> int:
