@@ -26,7 +26,7 @@ from selfsup.pipeline.batch import FeedSpec
 from selfsup.pipeline.config import from_dict, to_dict
 from selfsup.pipeline.feed import BatchFeed
 from selfsup.pipeline.seeding import stable_hash
-from selfsup.pipeline.snapshot import load_snapshot
+from selfsup.pipeline.snapshot import Snapshot, load_snapshot
 from selfsup.trainers import checkpoint as ck
 from selfsup.trainers import run_folder
 from selfsup.trainers.config import PretrainConfig, config_digest
@@ -36,7 +36,7 @@ from selfsup.trainers.objectives.base import as_module
 from selfsup.trainers.optim import build_optimizer, lr_at, set_lr
 from selfsup.trainers.reporting import LocalReporter, RayReporter, Reporter
 from selfsup.trainers.speedups import compile_model, ddp_options, set_cudnn_benchmark, to_channels_last
-from selfsup.trainers.staging import DeviceStager, default_staging
+from selfsup.trainers.staging import DeviceStager, Stager, default_staging
 from selfsup.trainers.steptimer import StepTimer
 
 log = logging.getLogger(__name__)
@@ -64,10 +64,12 @@ def build_objective(cfg: PretrainConfig) -> Objective:
                           backbone_args=dict(o.backbone_args), **dict(o.args))
 
 
-def feed_spec(cfg: PretrainConfig, objective: Objective) -> FeedSpec:
-    """What the streams make for this run: the snapshot, plan parameters, modality and masks."""
+def feed_spec(cfg: PretrainConfig, objective: Objective, snapshot: Optional[Snapshot] = None) -> FeedSpec:
+    """What the streams make for this run: the snapshot (default: the run folder's), plan parameters,
+    modality and masks."""
     d = cfg.data
-    return FeedSpec(load_snapshot(cfg.run, cfg.storage_options), d.batch_size, dict(d.modality_args),
+    snap = snapshot if snapshot is not None else load_snapshot(cfg.run, cfg.storage_options)
+    return FeedSpec(snap, d.batch_size, dict(d.modality_args),
                     seed=cfg.train.seed, train=True, mix=d.mix, run_length=d.run_length,
                     mask=objective.mask_spec(), on_error=d.on_error, storage_options=cfg.storage_options)
 
@@ -174,7 +176,7 @@ def _micro_step(model: nn.Module, inputs: dict[str, torch.Tensor], device: torch
 
 
 def train_step(cfg: PretrainConfig, rank: int, step: int, horizon: int, model: nn.Module, core: Objective,
-               optimizer: torch.optim.Optimizer, stager: DeviceStager, timer: StepTimer,
+               optimizer: torch.optim.Optimizer, stager: Stager, timer: StepTimer,
                device: torch.device) -> list[Any]:
     """One optimizer step over `train.accum` micro-batches; returns their LossOutputs (not yet read, so
     no host-device sync happens inside). The next micro-batch is staged once each backward is queued."""

@@ -38,6 +38,14 @@ class PhaseClock(Protocol):
     def add(self, phase: str, seconds: float) -> None: ...
 
 
+class Stager(Protocol):
+    """What the step reads its inputs from: DeviceStager, or batches already on the device (bench)."""
+
+    def next(self) -> dict[str, torch.Tensor]: ...
+
+    def prefetch(self) -> None: ...
+
+
 class _Staged:
     """One batch on its way: device tensors (raw dtypes), the data position after it, its copy event."""
 
