@@ -173,6 +173,9 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
         (cfg.train.samples is None or cfg.train.samples >= 1, f"train.samples={cfg.train.samples} must be at least 1"),
         (cfg.train.warmup_samples is None or cfg.train.warmup_samples >= 0,
          f"train.warmup_samples={cfg.train.warmup_samples} must not be negative"),
+        (not cfg.train.ddp_static_graph or cfg.train.accum == 1,
+         "train.ddp_static_graph needs one forward per backward (train.accum=1): accumulation skips "
+         "gradient sync on all but the last micro-batch, which a static graph does not allow for"),
         (cfg.scaling.num_workers >= 1, f"scaling.num_workers={cfg.scaling.num_workers} must be at least 1"),
         (cfg.data.max_worker_deaths >= 1, f"data.max_worker_deaths={cfg.data.max_worker_deaths} must be at least 1"),
         ((cfg.data.mean is None) == (cfg.data.std is None), "give data.mean and data.std together"),

@@ -130,15 +130,21 @@ class DeviceStager:
         return out
 
     def _inputs(self, raw: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {k: model_input(k, t, self.mean, self.std) for k, t in raw.items()}
-        if self.channels_last:
-            out = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 and v.is_floating_point()
-                   else v for k, v in out.items()}
-        return out
+        return model_inputs(raw, self.mean, self.std, self.channels_last)
 
     def _book(self, phase: str, seconds: float) -> None:
         if self.clock is not None:
             self.clock.add(phase, seconds)
+
+
+def model_inputs(raw: Mapping[str, torch.Tensor], mean: Optional[Sequence[float]], std: Optional[Sequence[float]],
+                 channels_last: bool = False) -> dict[str, torch.Tensor]:
+    """Device tensors as they arrived (uint8 media) → the objective's inputs; 4-d images NHWC if asked."""
+    out = {k: model_input(k, t, mean, std) for k, t in raw.items()}
+    if channels_last:
+        out = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 and v.is_floating_point() else v
+               for k, v in out.items()}
+    return out
 
 
 def default_staging(device: torch.device, setting: Optional[bool]) -> bool:

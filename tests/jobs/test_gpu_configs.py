@@ -144,3 +144,15 @@ def test_recipe_trains_two_steps_on_cpu_at_a_tiny_size(path: Path, tiny_shards: 
     after = [p for p in bench.core.parameters() if p.requires_grad][:4]
     assert any(not torch.equal(a, b) for a, b in zip(before, after)), "the optimizer changed nothing"
     assert set(timer.take()) == {"data_wait_ms", "h2d_ms", "fwd_bwd_ms", "optimizer_ms"}
+
+
+def test_show_hyper_prints_the_resolved_values_and_cpu_recipes_keep_theirs(capsys: pytest.CaptureFixture) -> None:
+    from selfsup.trainers.scaling import resolve
+
+    path = GPU / "mae_vit_b16.yaml"
+    assert main(["pretrain", str(path), "scaling.num_workers=8", "--show-hyper"]) == 0
+    line = capsys.readouterr().out
+    assert "global batch 2048; lr 0.0012 (base_lr 0.00015 × 2048/256); warmup 25023 steps; 500456 steps" in line
+    for cpu_recipe in sorted((ROOT / "jobs" / "configs").glob("*.yaml")):  # no scaling fields: unchanged
+        cfg = load(cpu_recipe)
+        assert resolve(cfg, 8) is cfg, cpu_recipe.name

@@ -163,3 +163,10 @@ def test_ddp_bucket_view_and_static_graph_run_with_the_same_loss(tiny_cfg: Pretr
     finally:
         dist.destroy_process_group()
     assert losses == pytest.approx(reference, rel=1e-4, abs=1e-5)
+
+
+def test_static_graph_is_refused_with_gradient_accumulation() -> None:
+    from selfsup.pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"ddp_static_graph needs one forward per backward \(train.accum=1\)"):
+        validate(load_config(PretrainConfig, str(CONFIG), ["train.ddp_static_graph=true", "train.accum=2"]))
