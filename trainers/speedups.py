@@ -24,7 +24,7 @@ def set_cudnn_benchmark(device: torch.device, on: bool) -> None:
 
 def to_channels_last(model: nn.Module, on: bool) -> nn.Module:
     """The model's 4-d weights in NHWC order (a no-op for models without convolutions)."""
-    return model.to(memory_format=torch.channels_last) if on else model  # type: ignore[call-overload]
+    return model.to(memory_format=torch.channels_last) if on else model
 
 
 def ddp_options(bucket_view: bool, static_graph: bool) -> dict[str, Any]:

@@ -128,7 +128,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         lines.append(f"{name:<18}{f['samples_per_s']:>9.1f}{s['samples_per_s']:>9.1f}{r['fed_vs_synthetic']:>8.2f}"
                      f"{f['stall_pct']:>8.1f}{s['gpu_mem_gib'] or 0:>7.1f}{split['data_wait_ms']:>7.1f}"
                      f"{split['h2d_ms']:>6.1f}{split['fwd_bwd_ms']:>9.1f}{split['optimizer_ms']:>7.1f}"
-                     f"{r['pipeline']['samples_per_cpu_s'] or 0:>10.1f}{r['advice']['cores_per_accelerator'] or 0:>10.1f}")
+                     f"{r['pipeline']['samples_per_cpu_s'] or 0:>10.1f}{r['advice']['cores_per_accelerator'] or 0:>10.2f}")
     return "\n".join(lines) + "\n(split in ms per step of the fed run; cores/GPU: for a stall under 2% at the synthetic ceiling)"
 
 
