@@ -28,9 +28,8 @@ from selfsup.pipeline.feed import BatchFeed
 from selfsup.pipeline.seeding import stable_hash
 from selfsup.pipeline.snapshot import Snapshot, load_snapshot
 from selfsup.trainers import checkpoint as ck
-from selfsup.trainers import run_folder
+from selfsup.trainers import run_folder, scaling
 from selfsup.trainers.config import PretrainConfig, config_digest
-from selfsup.trainers import scaling
 from selfsup.trainers.objectives import Objective, make_objective
 from selfsup.trainers.objectives.base import as_module
 from selfsup.trainers.optim import build_optimizer, lr_at, set_lr
