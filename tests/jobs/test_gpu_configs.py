@@ -112,13 +112,7 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], str
     return get
 
 
-# two steps of ResNet-50 take seconds here; the others' (ViT-B with its decoder, BYOL's and Barlow Twins'
-# 4096/8192-wide heads, wav2vec 2.0 BASE) take 10-70 s on 2 busy cores: they run with the quick bars (CI)
-DEFAULT_SUITE = {"simclr_resnet50"}
-TWO_STEPS = [pytest.param(p, id=p.stem, marks=() if p.stem in DEFAULT_SUITE else pytest.mark.quick) for p in CONFIGS]
-
-
-@pytest.mark.parametrize("path", TWO_STEPS)
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_recipe_trains_two_steps_on_cpu_at_a_tiny_size(path: Path, tiny_shards: Callable[[str], str]) -> None:
     """The loop's own step (trainers/loop.py's train_step) with the recipe's GPU options (channels_last,
     fused AdamW, LARS...) on CPU, batch 2, the architecture as at 224 px."""
