@@ -7,7 +7,7 @@ SELFSUP := $(VENV)/bin/selfsup
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup data demo test test-quick test-cluster test-cluster-ci quality test-slow typecheck ci clean
+.PHONY: setup data demo test test-quick test-cluster test-cluster-ci quality test-slow typecheck ci clean gpu-check gpu-check-prepare
 
 $(STAMP): constraints.txt pyproject.toml
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,17 @@ test-slow: quality
 
 typecheck: $(STAMP)
 	@bash tests/typecheck.sh
+
+# The one GPU measurement (jobs/bench/gpu_check.py), for a machine with one NVIDIA GPU: the system
+# python3 with torch, no .venv, no Ray, no network. It exits 2 at once, saying why, without a GPU.
+# `make gpu-check-prepare` (here, before) copies the photos and the pure-Python modules that
+# machine lacks into .gpu-check/, which travels with the checkout.
+GPU_CHECK_ARGS ?=
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(PYTHON) jobs/bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+gpu-check-prepare: $(STAMP)
+	$(VENV)/bin/python jobs/bench/gpu_check.py --prepare $(GPU_CHECK_ARGS)
 
 # What CI runs (.ci/run): the default suite, one multi-node fault test, the quick bars, the type check.
 ci: test test-cluster-ci test-quick typecheck

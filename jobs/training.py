@@ -28,6 +28,7 @@ from selfsup.pipeline import lease as leases
 from selfsup.pipeline import storage
 from selfsup.pipeline.config import to_dict
 from selfsup.trainers import run_folder as rf
+from selfsup.trainers import scaling
 from selfsup.trainers.config import PretrainConfig
 from selfsup.trainers.mlflow_run import require_mlflow
 
@@ -76,6 +77,7 @@ def train(cfg: PretrainConfig, options: TrainOptions = TrainOptions()) -> TrainR
         require_mlflow(cfg.train.mlflow_uri)
     if not options.use_ray:
         cfg = local_config(cfg)
+    cfg = scaling.resolve(cfg, cfg.scaling.num_workers)  # per-GPU recipe → this world's lr and steps
     storage.check_writable(cfg.run, cfg.storage_options)
     with TrainerLease(cfg, options) as held:
         resume_from, new_plan = prepare_run(cfg, options.resume, options.allow_plan_change)
@@ -223,6 +225,8 @@ def prepare_run(cfg: PretrainConfig, resume: bool, allow_plan_change: bool = Fal
     print(f"selfsup pretrain: run {storage.redact_url(cfg.run)}: {cfg.objective.name} on {cfg.data.modality}, "
           f"{len(snap.shards)} shards / {snap.n_samples} samples, {cfg.scaling.num_workers} worker(s), "
           f"{cfg.train.steps} steps", file=sys.stderr)
+    print(f"selfsup pretrain: hyper-parameters: "
+          f"{scaling.describe(scaling.hyper_parameters(cfg, cfg.scaling.num_workers))}", file=sys.stderr)
     return (latest if resume else None), bool(changes)
 
 

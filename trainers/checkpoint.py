@@ -7,6 +7,7 @@ default) also any that evaluation has not marked yet (`evaluated.json` in the ch
 """
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import logging
@@ -40,6 +41,11 @@ def library_versions() -> dict[str, str]:
            "machine": platform.machine()}
     for name in ("torchvision", "torchaudio", "cv2", "ray", "av", "soundfile"):
         mod = sys.modules.get(name)
+        if mod is None and name in ("av", "soundfile"):  # the modalities import them on first use
+            try:
+                mod = importlib.import_module(name)
+            except ImportError:
+                continue
         if mod is not None:
             out[name] = str(getattr(mod, "__version__", "?"))
     return out

@@ -15,6 +15,7 @@ from selfsup.pipeline.config import ConfigError, to_dict
 from selfsup.pipeline.snapshot import SourceSpec
 
 OPTIMIZERS = ("adamw", "lars")
+LR_SCALING = ("linear", "sqrt")
 FEED_BACKENDS = ("ray", "local", "inline")
 TRACKING = ("tensorboard", "mlflow_uri", "mlflow_experiment")  # train.* keys that only say where metrics go
 
@@ -82,6 +83,23 @@ class TrainConfig:
     tensorboard: bool = True
     mlflow_uri: Optional[str] = None  # MLflow tracking URI (needs `pip install 'selfsup[mlflow]'`)
     mlflow_experiment: str = "selfsup"
+    # Scaling with the global batch (data.batch_size × accum × workers), as the papers do; set, these
+    # derive lr, steps and warmup_steps (trainers/scaling.py; the resolved values are printed at start)
+    base_lr: Optional[float] = None   # lr per `lr_batch` samples of global batch (MAE's `blr`)
+    lr_scaling: str = "linear"        # linear: base_lr × global/lr_batch; sqrt: base_lr × sqrt(global/lr_batch)
+    lr_batch: int = 256
+    samples: Optional[int] = None     # the run's length in samples (epochs × dataset size): steps = samples / global
+    warmup_samples: Optional[int] = None  # warmup in samples: warmup_steps = warmup_samples / global
+    # GPU options; those that change numerics are off by default (the loop ignores them on CPU where moot)
+    channels_last: bool = False       # NHWC model and inputs (ResNets on tensor cores)
+    compile: bool = False             # torch.compile the objective; its compile time is reported apart
+    compile_backend: str = "inductor"
+    fused_adamw: bool = False         # AdamW's fused kernel where the device has one
+    cudnn_benchmark: bool = False     # let cuDNN pick the fastest convolution algorithms (not deterministic)
+    ddp_bucket_view: bool = False     # DDP gradient_as_bucket_view: gradients alias the all-reduce buckets
+    ddp_static_graph: bool = False    # DDP static_graph (where the objective allows: accum 1, one forward a step)
+    stage_batches: Optional[bool] = None  # pinned host buffers, copies one batch ahead on a side stream
+    #                                     (None: on for CUDA devices, off elsewhere)
 
 
 @dataclass(frozen=True)
@@ -156,6 +174,15 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
         (cfg.train.ckpt_every >= 1, f"train.ckpt_every={cfg.train.ckpt_every} must be at least 1"),
         (cfg.train.keep >= 1, f"train.keep={cfg.train.keep} must be at least 1"),
         (cfg.train.warmup_steps >= 0, f"train.warmup_steps={cfg.train.warmup_steps} must not be negative"),
+        (cfg.train.lr_scaling in LR_SCALING, f"train.lr_scaling={cfg.train.lr_scaling!r}; valid: {', '.join(LR_SCALING)}"),
+        (cfg.train.lr_batch >= 1, f"train.lr_batch={cfg.train.lr_batch} must be at least 1"),
+        (cfg.train.base_lr is None or cfg.train.base_lr > 0, f"train.base_lr={cfg.train.base_lr} must be positive"),
+        (cfg.train.samples is None or cfg.train.samples >= 1, f"train.samples={cfg.train.samples} must be at least 1"),
+        (cfg.train.warmup_samples is None or cfg.train.warmup_samples >= 0,
+         f"train.warmup_samples={cfg.train.warmup_samples} must not be negative"),
+        (not cfg.train.ddp_static_graph or cfg.train.accum == 1,
+         "train.ddp_static_graph needs one forward per backward (train.accum=1): accumulation skips "
+         "gradient sync on all but the last micro-batch, which a static graph does not allow for"),
         (cfg.scaling.num_workers >= 1, f"scaling.num_workers={cfg.scaling.num_workers} must be at least 1"),
         (cfg.data.max_worker_deaths >= 1, f"data.max_worker_deaths={cfg.data.max_worker_deaths} must be at least 1"),
         ((cfg.data.mean is None) == (cfg.data.std is None), "give data.mean and data.std together"),

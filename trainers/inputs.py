@@ -71,18 +71,25 @@ def applied_norm(sample: Mapping[str, Any], mean: Optional[Sequence[float]],
     return None, None
 
 
+def tensor_fields(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The arrays an objective reads (media, masks, lengths, labels, valid); bookkeeping fields
+    (keys, shards) stay behind."""
+    return {name: value for name, value in batch.items()
+            if isinstance(value, np.ndarray) and value.dtype.kind not in "US"
+            and (name in MEDIA_FIELDS or name in INDEX_FIELDS or name in ("mask", "valid"))}
+
+
+def model_input(name: str, t: torch.Tensor, mean: Optional[Sequence[float]] = None,
+                std: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """A field already on its device as the objective takes it: uint8 media normalized to float."""
+    if name in MEDIA_FIELDS:
+        return normalize_uint8(t, mean, std) if t.dtype == torch.uint8 else t.float()
+    return t
+
+
 def to_device(batch: Mapping[str, Any], device: torch.device, mean: Optional[Sequence[float]] = None,
               std: Optional[Sequence[float]] = None) -> dict[str, torch.Tensor]:
-    """The tensors an objective reads, on `device`; bookkeeping fields (keys, shards) stay behind."""
-    out: dict[str, torch.Tensor] = {}
-    for name, value in batch.items():
-        if not isinstance(value, np.ndarray) or value.dtype.kind in "US":
-            continue
-        if name in MEDIA_FIELDS:
-            t = torch.from_numpy(value).to(device, non_blocking=True)
-            out[name] = normalize_uint8(t, mean, std) if value.dtype == np.uint8 else t.float()
-        elif name == "mask":
-            out[name] = torch.from_numpy(value).to(device)
-        elif name in INDEX_FIELDS or name == "valid":
-            out[name] = torch.from_numpy(value).to(device)
-    return out
+    """The tensors an objective reads, on `device` (copied from pageable memory: see trainers/staging.py
+    for pinned buffers and copies ahead of the step)."""
+    return {name: model_input(name, torch.from_numpy(value).to(device, non_blocking=True), mean, std)
+            for name, value in tensor_fields(batch).items()}

@@ -26,17 +26,20 @@ from selfsup.pipeline.batch import FeedSpec
 from selfsup.pipeline.config import from_dict, to_dict
 from selfsup.pipeline.feed import BatchFeed
 from selfsup.pipeline.seeding import stable_hash
-from selfsup.pipeline.snapshot import load_snapshot
+from selfsup.pipeline.snapshot import Snapshot, load_snapshot
 from selfsup.trainers import checkpoint as ck
-from selfsup.trainers import run_folder
+from selfsup.trainers import run_folder, scaling
 from selfsup.trainers.config import PretrainConfig, config_digest
-from selfsup.trainers.inputs import applied_norm, eval_sample, to_device
+from selfsup.trainers.inputs import applied_norm, eval_sample
 from selfsup.trainers.objectives import Objective, make_objective
 from selfsup.trainers.objectives.base import as_module
 from selfsup.trainers.mlflow_run import MlflowSink
 from selfsup.trainers.optim import build_optimizer, lr_at, set_lr
 from selfsup.trainers.recorder import MetricsRecorder, RunFolderSink, Sink, TensorBoardSink
 from selfsup.trainers.reporting import LocalReporter, RayReporter, Reporter
+from selfsup.trainers.speedups import compile_model, ddp_options, set_cudnn_benchmark, to_channels_last
+from selfsup.trainers.staging import DeviceStager, Stager, default_staging
+from selfsup.trainers.steptimer import StepTimer
 
 log = logging.getLogger(__name__)
 
@@ -75,22 +78,25 @@ def build_objective(cfg: PretrainConfig) -> Objective:
                           backbone_args=dict(o.backbone_args), **dict(o.args))
 
 
-def feed_spec(cfg: PretrainConfig, objective: Objective) -> FeedSpec:
-    """What the streams make for this run: the snapshot, plan parameters, modality and masks."""
+def feed_spec(cfg: PretrainConfig, objective: Objective, snapshot: Optional[Snapshot] = None) -> FeedSpec:
+    """What the streams make for this run: the snapshot (default: the run folder's), plan parameters,
+    modality and masks."""
     d = cfg.data
-    return FeedSpec(load_snapshot(cfg.run, cfg.storage_options), d.batch_size, dict(d.modality_args),
+    snap = snapshot if snapshot is not None else load_snapshot(cfg.run, cfg.storage_options)
+    return FeedSpec(snap, d.batch_size, dict(d.modality_args),
                     seed=cfg.train.seed, train=True, mix=d.mix, run_length=d.run_length,
                     mask=objective.mask_spec(), on_error=d.on_error, storage_options=cfg.storage_options)
 
 
-def wrap_model(objective: nn.Module, world: int, in_ray: bool) -> tuple[nn.Module, torch.device]:
-    """DDP through Ray's prepare_model on 2+ workers; plain module otherwise."""
+def wrap_model(objective: nn.Module, world: int, in_ray: bool,
+               ddp: Optional[Mapping[str, Any]] = None) -> tuple[nn.Module, torch.device]:
+    """DDP through Ray's prepare_model on 2+ workers (`ddp`: its keyword arguments); plain module otherwise."""
     if in_ray:
         import ray.train.torch
 
         device = ray.train.torch.get_device()
         if world > 1:
-            return ray.train.torch.prepare_model(objective), device
+            return ray.train.torch.prepare_model(objective, parallel_strategy_kwargs=dict(ddp or {}) or None), device
         return objective.to(device), device
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return objective.to(device), device
@@ -103,13 +109,17 @@ def run_training(cfg: PretrainConfig, rank: int, world: int, reporter: Reporter,
     `new_plan`: the checkpoint's data position belongs to other data settings, so the data starts at
     the next epoch (the model, optimizer and step continue); `lease`: {"url", "owner"} of the trainer
     lease to watch every log step (a stop asked there: checkpoint and stop; lost: stop at once)."""
-    opts = cfg.storage_options
+    cfg = scaling.resolve(cfg, world)  # the recipe's per-GPU values → this world's lr and steps
+    opts, t = cfg.storage_options, cfg.train
     objective = build_objective(cfg)
-    model, device = wrap_model(as_module(objective), world, isinstance(reporter, RayReporter))
+    to_channels_last(as_module(objective), t.channels_last)
+    model, device = wrap_model(as_module(objective), world, isinstance(reporter, RayReporter),
+                               ddp_options(t.ddp_bucket_view, t.ddp_static_graph))
+    set_cudnn_benchmark(device, t.cudnn_benchmark)
+    model = compile_model(model, t.compile, t.compile_backend)
     core = objective  # the module inside `model` (DDP wraps it, .to() returns it)
-    t = cfg.train
     optimizer = build_optimizer(t.optimizer, core.param_groups(t.weight_decay), t.lr, t.weight_decay,
-                                tuple(t.betas), t.momentum)
+                                tuple(t.betas), t.momentum, fused=t.fused_adamw)
     recorder = open_recorder(cfg) if rank == 0 else None  # metrics go to storage off the step, from rank 0
     feed: Optional[BatchFeed] = None
     try:
@@ -189,10 +199,9 @@ def _autocast(device: torch.device, bf16: bool) -> Any:
     return contextlib.nullcontext()
 
 
-def _micro_step(model: nn.Module, batch: Mapping[str, Any], device: torch.device, cfg: PretrainConfig,
+def _micro_step(model: nn.Module, inputs: dict[str, torch.Tensor], device: torch.device, cfg: PretrainConfig,
                 sync: bool) -> Any:
     """Forward and backward of one micro-batch (gradient sync only on the last of an accumulation)."""
-    inputs = to_device(batch, device, cfg.data.mean, cfg.data.std)
     no_sync = getattr(model, "no_sync", None)
     ctx = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
     with ctx:
@@ -200,6 +209,30 @@ def _micro_step(model: nn.Module, batch: Mapping[str, Any], device: torch.device
             out = model(inputs)
         (out.loss / cfg.train.accum).backward()
     return out
+
+
+def train_step(cfg: PretrainConfig, rank: int, step: int, horizon: int, model: nn.Module, core: Objective,
+               optimizer: torch.optim.Optimizer, stager: Stager, timer: StepTimer,
+               device: torch.device) -> list[Any]:
+    """One optimizer step over `train.accum` micro-batches; returns their LossOutputs (not yet read, so
+    no host-device sync happens inside). The next micro-batch is staged once each backward is queued."""
+    t = cfg.train
+    torch.manual_seed(stable_hash(t.seed, "step", step, rank) % (2**63))
+    set_lr(optimizer, lr_at(step, horizon, t.lr, t.warmup_steps, t.min_lr))
+    outs = []
+    for i in range(t.accum):
+        inputs = stager.next()
+        with timer.phase("fwd_bwd"):
+            outs.append(_micro_step(model, inputs, device, cfg, sync=i == t.accum - 1))
+        stager.prefetch()
+    with timer.phase("optimizer"):
+        if t.clip_grad:
+            nn.utils.clip_grad_norm_(core.parameters(), t.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        core.after_step(step + 1, horizon)
+    timer.step_done()
+    return outs
 
 
 def _steps(cfg: PretrainConfig, rank: int, world: int, model: nn.Module, core: Objective,
@@ -211,17 +244,17 @@ def _steps(cfg: PretrainConfig, rank: int, world: int, model: nn.Module, core: O
     last: dict[str, Any] = {}
     started, first, asked = time.monotonic(), step, until
     horizon = t.steps  # the step the schedule ends at: train.steps, or what fits in the time (time_schedule)
+    timer = StepTimer(device)
+    stager = DeviceStager(feed, device, cfg.data.mean, cfg.data.std, default_staging(device, t.stage_batches),
+                          t.channels_last, timer)
+    compile_s: Optional[float] = None
     while step < until:
-        torch.manual_seed(stable_hash(t.seed, "step", step, rank) % (2**63))
-        set_lr(optimizer, lr_at(step, horizon, t.lr, t.warmup_steps, t.min_lr))
-        for i in range(t.accum):
-            out = _micro_step(model, feed.next(), device, cfg, sync=i == t.accum - 1)
+        t0 = time.perf_counter()
+        for out in train_step(cfg, rank, step, horizon, model, core, optimizer, stager, timer, device):
             window.add(out, cfg.data.batch_size * world)
-        if t.clip_grad:
-            nn.utils.clip_grad_norm_(core.parameters(), t.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        core.after_step(step + 1, horizon)
+        if t.compile and compile_s is None:  # the first step compiled the objective: reported apart
+            compile_s = time.perf_counter() - t0
+            timer.reset()
         step += 1
         if t.time_limit_minutes and step % t.log_every == 0:
             elapsed = _elapsed(started, world)
@@ -247,7 +280,8 @@ def _steps(cfg: PretrainConfig, rank: int, world: int, model: nn.Module, core: O
                 return last
         ckpt_now = step % t.ckpt_every == 0 or step == until
         if step % t.log_every == 0 or ckpt_now:
-            last = window.metrics(step, optimizer.param_groups[0]["lr"], world, t.collapse_threshold)
+            last = {**window.metrics(step, optimizer.param_groups[0]["lr"], world, t.collapse_threshold),
+                    **timer.take(), **({"compile_s": compile_s} if compile_s is not None else {})}
             if t.time_schedule and t.time_limit_minutes:
                 last["horizon"] = horizon
             if recorder is not None:
@@ -255,7 +289,7 @@ def _steps(cfg: PretrainConfig, rank: int, world: int, model: nn.Module, core: O
         if ckpt_now:  # every rank reports (a collective in Ray Train); only at checkpoints: a report
             # waits for the Ray Train controller's next poll (2 s by default), and metrics already
             # reach <run>/metrics.jsonl from rank 0, so a report per log step would stall every rank
-            _checkpoint(cfg, rank, world, core, optimizer, feed, step, reporter, last, recorder)
+            _checkpoint(cfg, rank, world, core, optimizer, stager.position, step, reporter, last, recorder)
     return last
 
 
@@ -362,17 +396,18 @@ def _dist_device() -> torch.device:
 
 
 def _checkpoint(cfg: PretrainConfig, rank: int, world: int, core: Objective, optimizer: torch.optim.Optimizer,
-                feed: BatchFeed, step: int, reporter: Reporter, metrics: Mapping[str, Any],
+                position: Mapping[str, int], step: int, reporter: Reporter, metrics: Mapping[str, Any],
                 recorder: Optional[MetricsRecorder] = None) -> None:
     """Rank 0 stores the metrics so far, writes state.pt and encoder.pt, reports them, then writes
-    meta.json and prunes."""
+    meta.json and prunes; `position` is the data position of the batches trained on (the feed may be
+    one batch ahead)."""
     if recorder is not None:  # a run resumed from this checkpoint has every metrics line up to it
         recorder.flush()
     with tempfile.TemporaryDirectory(prefix="selfsup-ckpt-") as tmp:
         local = None
         if rank == 0:
             state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                     "feed": feed.state_dict(), "world": world}
+                     "feed": dict(position), "world": world}
             torch.save(state, os.path.join(tmp, ck.STATE))
             torch.save(core.encoder().state_dict(), os.path.join(tmp, ck.ENCODER))
             local = tmp
@@ -380,7 +415,7 @@ def _checkpoint(cfg: PretrainConfig, rank: int, world: int, core: Objective, opt
     if rank != 0:
         return
     url = storage.join(cfg.run, ck.CHECKPOINTS, ck.step_dir_name(step))
-    ck.write_meta(url, checkpoint_meta(cfg, core, step, world, feed.state_dict()), cfg.storage_options)
+    ck.write_meta(url, checkpoint_meta(cfg, core, step, world, position), cfg.storage_options)
     if recorder is not None:
         recorder.checkpoint(url)
     deleted = ck.prune(cfg.run, cfg.train.keep, cfg.train.keep_unevaluated, cfg.storage_options)

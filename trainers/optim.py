@@ -1,10 +1,13 @@
 """Optimizers (AdamW, LARS) and the warmup-then-cosine learning-rate schedule."""
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Iterable, Sequence
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class LARS(torch.optim.Optimizer):
@@ -42,11 +45,17 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(name: str, groups: list[dict[str, Any]], lr: float, weight_decay: float,
-                    betas: Sequence[float], momentum: float) -> torch.optim.Optimizer:
-    """AdamW or LARS over the objective's parameter groups; `betas` is AdamW's (beta1, beta2)."""
+                    betas: Sequence[float], momentum: float, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW or LARS over the objective's parameter groups; `betas` is AdamW's (beta1, beta2);
+    `fused`: AdamW's fused kernel where the parameters' device has one (else the default, with a warning)."""
     if name == "adamw":
         clean = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]
         beta1, beta2 = betas
+        if fused:
+            try:
+                return torch.optim.AdamW(clean, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay, fused=True)
+            except (RuntimeError, ValueError) as e:  # a device without the fused kernel
+                log.warning("train.fused_adamw: no fused AdamW here (%s); using the default one", e)
         return torch.optim.AdamW(clean, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay)
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)

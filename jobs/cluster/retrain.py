@@ -214,7 +214,9 @@ class Retrain:
     def run_config(self, name: str, init_from: Optional[str]) -> PretrainConfig:
         """The config of retrain run `name`: its folder, the retrain step count, the warm start."""
         c = self.cfg
-        train = dataclasses.replace(c.train, steps=c.retrain.steps or c.train.steps, init_from=init_from)
+        train = dataclasses.replace(c.train, init_from=init_from)
+        if c.retrain.steps:  # wins over a recipe's train.samples too
+            train = dataclasses.replace(train, steps=c.retrain.steps, samples=None)
         return dataclasses.replace(c, run=storage.join(self.root, name), train=train)
 
     def train_and_judge(self, run_cfg: PretrainConfig, name: str, resume: bool) -> int:

@@ -1,4 +1,4 @@
-"""`selfsup bench pipeline|cluster`: parse the flags, run the benchmark engine (selfsup.jobs.bench), print."""
+"""`selfsup bench pipeline|cluster|train`: parse the flags, run the benchmark engine (selfsup.jobs.bench), print."""
 from __future__ import annotations
 
 import argparse
@@ -10,8 +10,8 @@ from selfsup.jobs.bench.pipeline import SETUPS, VARIANTS, BenchOptions, bench_pi
 
 
 def add_parser(sub: Any) -> None:
-    """Register `selfsup bench pipeline`."""
-    p = sub.add_parser("bench", help="measure the data pipeline against common loaders",
+    """Register `selfsup bench pipeline`, `cluster` and `train`."""
+    p = sub.add_parser("bench", help="measure the data pipeline against common loaders, and a recipe's training step",
                        description="Benchmarks; they print ratios, which travel between machines.")
     bsub = p.add_subparsers(dest="bench_command", metavar="ACTION", required=True)
     b = bsub.add_parser(
@@ -59,6 +59,42 @@ def add_parser(sub: Any) -> None:
     c.add_argument("--workdir", help="shards cache (default runs/bench/cluster)")
     c.add_argument("--json", action="store_true", help="print one JSON object on stdout (table goes to stderr)")
     c.set_defaults(run=run_cluster)
+    add_train_parser(bsub)
+
+
+def add_train_parser(bsub: Any) -> None:
+    """Register `selfsup bench train`."""
+    from selfsup.jobs.bench import train as train_engine
+
+    d = train_engine.TrainBenchOptions(config="")
+    t = bsub.add_parser(
+        "train", help="a recipe's step fed by the pipeline vs. fed by batches already on the device; stall, "
+                      "samples per CPU-second and the CPU cores an accelerator needs",
+        description=(train_engine.__doc__ or "").split("\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("config", metavar="CONFIG", help="YAML config (e.g. jobs/configs/gpu/mae_vit_b16.yaml)")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. data.batch_size=64")
+    t.add_argument("--steps", type=int, default=d.steps, help=f"timed steps per variant (default {d.steps})")
+    t.add_argument("--seconds", type=float, help="instead of --steps: seconds for the whole bench, shared by "
+                                                 "the variants (fed 1/2, synthetic 1/4, pipeline 1/4)")
+    t.add_argument("--warmup", type=int, default=d.warmup, help=f"untimed steps first (default {d.warmup})")
+    t.add_argument("--backend", choices=["ray", "local"], default=d.backend,
+                   help=f"where the streams run: Ray actors or local processes (default {d.backend}; no Ray)")
+    t.add_argument("--data", help="shard location to read instead of the config's data.sources")
+    t.add_argument("--json", action="store_true", help="print one JSON object on stdout (table goes to stderr)")
+    t.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Measure the recipe's step fed and at its ceiling, print the table (stderr) and, with --json, the result."""
+    from selfsup.jobs.bench.train import TrainBenchOptions, bench_train
+
+    result = bench_train(TrainBenchOptions(config=args.config, overrides=tuple(args.overrides), steps=args.steps,
+                                           seconds=args.seconds, warmup=args.warmup, backend=args.backend,
+                                           data=args.data))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
 
 
 def run_cluster(args: argparse.Namespace) -> int:

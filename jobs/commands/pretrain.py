@@ -14,6 +14,7 @@ from typing import Any
 from selfsup.jobs.common import add_storage_args, config_help, load_pretrain_config, storage_options
 from selfsup.jobs.training import TrainOptions, train
 from selfsup.pipeline import storage
+from selfsup.trainers import scaling
 
 
 def add_parser(sub: Any) -> None:
@@ -44,12 +45,19 @@ def add_parser(sub: Any) -> None:
                         "continue later with --resume, e.g. in preemptible time slots")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     add_storage_args(p)
+    p.add_argument("--show-hyper", action="store_true",
+                   help="print the hyper-parameters this run would train with (global batch, lr, warmup, steps: "
+                        "a recipe's per-GPU values scaled to scaling.num_workers) and exit")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Load and check the config, then train; a failure other than a bad input exits 1."""
     cfg = load_pretrain_config(args.config, args.overrides, storage_options(args))
+    if args.show_hyper:
+        workers = 1 if args.no_ray else cfg.scaling.num_workers
+        print(scaling.describe(scaling.hyper_parameters(cfg, workers)))
+        return 0
     options = TrainOptions(resume=args.resume, use_ray=not args.no_ray, address=args.address,
                            stop_after=args.stop_after, quiet=args.quiet,
                            allow_plan_change=args.allow_plan_change)

@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import cv2
 import numpy as np
-import soundfile
 
 if TYPE_CHECKING:
     import torchaudio
@@ -112,6 +111,7 @@ def check_pcm(frames: int, channels: int, rate: int, max_seconds: float) -> None
 
 def read_soundfile(data: bytes, max_seconds: float) -> tuple[np.ndarray, int]:
     """(float32 [n, C], rate) of a WAV/FLAC via libsndfile; DecodeError when bad or too long."""
+    import soundfile  # loads with the first WAV/FLAC: a machine without it still trains images
     reason = wav_truncation(data)
     if reason:
         raise DecodeError(f"truncated WAV: {reason}")

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-import av
 import cv2
 import numpy as np
 
@@ -56,6 +55,7 @@ class VideoInfo:
 
 def open_video(data: bytes) -> tuple[Any, Any]:
     """(container, first video stream) decoding on one thread, strict about corrupt data."""
+    import av  # PyAV loads with the first video: a machine without it still trains images and audio
     try:
         container = av.open(io.BytesIO(data))
     except Exception as e:  # noqa: BLE001 - FFmpeg raises many types for junk
@@ -71,6 +71,7 @@ def open_video(data: bytes) -> tuple[Any, Any]:
 
 def probe_video(data: bytes, max_frames: int, max_pixels: int, max_seconds: float) -> VideoInfo:
     """Metadata of the first video stream, checked against the limits; DecodeError names the one hit."""
+    import av
     container, stream = open_video(data)
     with container:
         width, height = int(stream.codec_context.width), int(stream.codec_context.height)
@@ -126,6 +127,7 @@ def frame_index(frame: Any, info: VideoInfo, previous: int, seeked: bool) -> int
 
 def decoded_frames(info: VideoInfo, first: int) -> Iterator[tuple[int, Any]]:
     """(index, frame) from the keyframe at or before `first` to the end; DecodeError on corrupt data."""
+    import av
     container, stream = open_video(info.data)
     with container:
         try:
@@ -300,12 +302,14 @@ class VideoModality:
 
 def h264_available() -> bool:
     """Whether PyAV's FFmpeg has libx264 (else MP4s are written with MPEG-4 part 2)."""
+    import av
     return "libx264" in av.codecs_available
 
 
 def encode_mp4(frames: Iterable[np.ndarray], width: int, height: int, rate: Fraction, keyframe_interval: int,
                crf: int, pix_fmt: str, codec: str | None = None) -> bytes:
     """MP4 bytes of uint8 [H, W, 3] RGB frames at a constant `rate`, a keyframe every keyframe_interval."""
+    import av
     if keyframe_interval < 1:
         raise ValueError(f"keyframe_interval must be >= 1, got {keyframe_interval}")
     codec = codec or ("libx264" if h264_available() else "mpeg4")
