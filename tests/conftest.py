@@ -521,6 +521,15 @@ def read_tb_scalars(folder: str, options: dict | None = None) -> dict[str, list[
 
 # ---------------------------------------------------------------- shared test data
 
+
+def fmnist_shards(dest: str, limit: int, per_shard: int, split: str = "pretrain") -> str:
+    """`limit` Fashion-MNIST images written as shards of `per_shard` into `dest` (in this process); returns dest."""
+    from selfsup.jobs.cli import main
+
+    assert main(["shards", "write", str(FMNIST), dest, "--modality", "image", "--split", split, "--limit",
+                 str(limit), "--samples-per-shard", str(per_shard), "--workers", "1", "--quiet"]) == 0
+    return dest
+
 ARGS = {"size": 28, "channels": 1}  # image modality arguments at Fashion-MNIST's size
 
 

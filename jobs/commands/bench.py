@@ -92,9 +92,7 @@ def run_train(args: argparse.Namespace) -> int:
     result = bench_train(TrainBenchOptions(config=args.config, overrides=tuple(args.overrides), steps=args.steps,
                                            seconds=args.seconds, warmup=args.warmup, backend=args.backend,
                                            data=args.data))
-    if args.json:
-        print(json.dumps(result, indent=2))
-    return 0
+    return emit(result, args.json)
 
 
 def run_cluster(args: argparse.Namespace) -> int:
@@ -105,7 +103,12 @@ def run_cluster(args: argparse.Namespace) -> int:
         nodes=args.nodes, node_cpus=args.node_cpus, streams_per_node=args.streams_per_node, ranks=args.ranks,
         samples=args.samples, batch_size=args.batch_size, size=args.size, prefetch=args.prefetch,
         repeats=args.repeats, data=args.data, workdir=args.workdir))
-    if args.json:
+    return emit(result, args.json)
+
+
+def emit(result: dict[str, Any], as_json: bool) -> int:
+    """With --json, the result as one JSON object on stdout (the table went to stderr); exit 0."""
+    if as_json:
         print(json.dumps(result, indent=2))
     return 0
 
@@ -116,6 +119,5 @@ def run(args: argparse.Namespace) -> int:
         modality=args.modality, streams=args.streams, samples=args.samples, batch_size=args.batch_size,
         size=args.size, recipe=args.recipe, repeats=args.repeats, prefetch=args.prefetch, variants=args.variants,
         data=args.data, workdir=args.workdir))
-    if args.json:
-        print(json.dumps(result, indent=2))
+    emit(result, args.json)
     return 1 if args.check and result["pass"] is False else 0

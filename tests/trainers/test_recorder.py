@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfsup.jobs.cli import main
 from selfsup.jobs.training import TrainOptions, train
 from selfsup.pipeline import storage
 from selfsup.pipeline.config import load_config
@@ -17,7 +16,7 @@ from selfsup.trainers import run_folder as rf
 from selfsup.trainers.config import PretrainConfig
 from selfsup.trainers.recorder import MetricsRecorder, RunFolderSink
 from tests.chaos.s3proxy import S3Proxy
-from tests.conftest import FMNIST, PLANTED, ROOT, SECRETS, URL, leaks, read_tb_scalars
+from tests.conftest import PLANTED, ROOT, SECRETS, URL, fmnist_shards, leaks, read_tb_scalars
 
 CONFIG = str(ROOT / "jobs" / "configs" / "simclr_image.yaml")
 TINY = ["data.batch_size=8", "data.mix=2", "data.streams=1", "data.backend=inline", "objective.backbone_args.width=8",
@@ -27,10 +26,7 @@ TRAIN_TAGS = {"train/loss", "train/lr", "train/samples_per_s", "train/stall_pct"
 
 @pytest.fixture(scope="module")
 def fm(tmp_path_factory: pytest.TempPathFactory) -> str:
-    data = str(tmp_path_factory.mktemp("recorder") / "fm")
-    assert main(["shards", "write", str(FMNIST), data, "--modality", "image", "--split", "pretrain", "--limit", "64",
-                 "--samples-per-shard", "32", "--workers", "1", "--quiet"]) == 0
-    return data
+    return fmnist_shards(str(tmp_path_factory.mktemp("recorder") / "fm"), 64, 32)
 
 
 def config(run: str, data: str, *more: str) -> PretrainConfig:

@@ -18,7 +18,7 @@ from selfsup.trainers.config import PretrainConfig, validate
 from selfsup.trainers.inputs import to_device
 from selfsup.trainers.staging import DeviceStager
 from selfsup.trainers.steptimer import StepTimer
-from tests.conftest import FMNIST, ROOT
+from tests.conftest import ROOT, fmnist_shards
 
 CONFIG = ROOT / "jobs" / "configs" / "simclr_image.yaml"
 SMALL = ["data.batch_size=8", "data.mix=2", "data.streams=1", "data.backend=inline", "train.log_every=1",
@@ -75,10 +75,7 @@ def test_unstaged_path_is_to_device() -> None:
 
 @pytest.fixture(scope="module")
 def fm(tmp_path_factory: pytest.TempPathFactory) -> str:
-    data = str(tmp_path_factory.mktemp("staging") / "fm")
-    assert main(["shards", "write", str(FMNIST), data, "--modality", "image", "--split", "pretrain", "--limit", "48",
-                 "--samples-per-shard", "16", "--workers", "1", "--quiet"]) == 0
-    return data
+    return fmnist_shards(str(tmp_path_factory.mktemp("staging") / "fm"), 48, 16)
 
 
 def _pretrain(run: str, data: str, *extra: str, stop: Optional[int] = None, resume: bool = False) -> dict[int, float]:
