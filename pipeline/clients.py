@@ -63,3 +63,14 @@ def gcs_filesystem(options: Optional[Mapping[str, Any]]) -> Any:
         opts["requests_timeout"] = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT,
                                                          sock_read=READ_TIMEOUT)
     return GCSFileSystem(**opts)
+
+
+def forget_clients() -> None:
+    """Drop every cached storage client, so the next call makes new ones from the credentials then
+    in the environment (fsspec caches one instance per class and options)."""
+    S3SingleAttempt.clear_instance_cache()
+    try:
+        from gcsfs.core import GCSFileSystem
+    except ImportError:
+        return
+    GCSFileSystem.clear_instance_cache()

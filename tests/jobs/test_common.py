@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import s3fs
 
 from selfsup.jobs.cli import build_parser, main
 from selfsup.jobs.common import CONFIGS, bundled_configs, config_location
 from selfsup.pipeline import storage
+from selfsup.pipeline.clients import forget_clients
 from selfsup.trainers import run_folder as rf
 from tests.conftest import FMNIST
 
@@ -49,8 +49,8 @@ def test_pretrain_and_retrain_take_storage_credentials_only_from_their_flags(mot
     storage.write_bytes(f"{runs}/simclr.yaml", (CONFIGS / "simclr_image.yaml").read_bytes())  # a config by URL
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    s3fs.S3FileSystem.clear_instance_cache()  # clients made with the environment's credentials
-    request.addfinalizer(s3fs.S3FileSystem.clear_instance_cache)  # and the credential-less ones made here
+    forget_clients()  # clients made with the environment's credentials
+    request.addfinalizer(forget_clients)  # and the credential-less ones made here
     with pytest.raises(Exception, match="credentials"):  # nothing else would let the runs reach S3
         storage.listdir(data)
     args = [f"run={runs}/a", f"data.sources=[{{url: {data}}}]", "data.batch_size=16", "data.backend=inline",
