@@ -137,7 +137,10 @@ class S3Proxy:
                                                        else resp.getheader("Content-Length") or 0))
                 self.end_headers()
                 if self.command != "HEAD":
-                    self.wfile.write(data)
+                    try:
+                        self.wfile.write(data)
+                    except (BrokenPipeError, ConnectionResetError):  # the client gave up (its own timeout)
+                        self.close_connection = True
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
