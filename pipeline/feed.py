@@ -87,7 +87,6 @@ class BatchFeed:
         self._sent = 0
         self.wait_s, self.batches, self.last_wait_s = 0.0, 0, 0.0
         self.restarts, self.quarantined = 0, 0
-        self.max_in_flight = 0  # most requests outstanding at once: never above streams × prefetch
         self._workers: list[Any] = []
         self._pool: Optional[ProcessPoolExecutor] = None
         self._inline: Optional[BatchMaker] = None
@@ -137,7 +136,6 @@ class BatchFeed:
             req = self._next_request()
             req.handle = self._submit(req)
             self._pending.append(req)
-        self.max_in_flight = max(self.max_in_flight, len(self._pending))
 
     def _submit(self, req: _Request) -> Any:
         if req.deaths >= self.max_deaths:
@@ -353,7 +351,6 @@ class BatchFeed:
                     {**rec, "shard": storage.redact_url(rec["shard"]), "rank": self.rank}), self.spec.storage_options)
 
     def stats(self) -> dict[str, float]:
-        """Data stall so far: seconds waited, batches taken, the last wait, stream restarts, quarantined,
-        and the most micro-batches requested at once (the object store holds that many per rank)."""
+        """Data stall so far: seconds waited, batches taken, the last wait, stream restarts, quarantined."""
         return {"wait_s": self.wait_s, "batches": self.batches, "last_wait_s": self.last_wait_s,
-                "restarts": self.restarts, "quarantined": self.quarantined, "max_in_flight": self.max_in_flight}
+                "restarts": self.restarts, "quarantined": self.quarantined}

@@ -380,7 +380,7 @@ class _Window:
             loss = loss.cpu() / world
         m: dict[str, Any] = {"step": step, "loss": float(loss), "lr": lr, "samples_per_s": self.samples / elapsed,
              "stall_pct": 100.0 * (self.feed.wait_s - self.wait0) / elapsed, "emb_spread": self.spread,
-             "epoch": self.feed.epoch, "in_flight_max": self.feed.max_in_flight, "time": time.time(),
+             "epoch": self.feed.epoch, "time": time.time(),
              **{k: float(v) for k, v in self.extra.items()}}
         if self.spread == self.spread and self.spread < threshold:
             m["warning"] = (f"embedding spread {self.spread:.3f} < {threshold}: the representation may be "

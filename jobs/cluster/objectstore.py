@@ -18,7 +18,8 @@ from typing import Optional
 
 log = logging.getLogger(__name__)
 
-COUNTERS = ("spilled_bytes", "spilled_objects", "restored_bytes", "restored_objects")
+COUNTERS = ("created_bytes", "created_objects", "spilled_bytes", "spilled_objects", "restored_bytes",
+            "restored_objects")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class StoreTotals:
     capacity_bytes: int = 0
     used_bytes: int = 0
     fallback_bytes: int = 0  # objects placed on the filesystem because the store was full
+    created_bytes: int = 0   # every object made in the stores (batches above all): what prefetch cost
+    created_objects: int = 0
     spilled_bytes: int = 0
     spilled_objects: int = 0
     restored_bytes: int = 0
@@ -48,6 +51,8 @@ class StoreTotals:
             return None
         return cls(capacity_bytes=int(stats.object_store_bytes_avail), used_bytes=int(stats.object_store_bytes_used),
                    fallback_bytes=int(stats.object_store_bytes_fallback),
+                   created_bytes=int(stats.cumulative_created_bytes),
+                   created_objects=int(stats.cumulative_created_objects),
                    spilled_bytes=int(stats.spilled_bytes_total), spilled_objects=int(stats.spilled_objects_total),
                    restored_bytes=int(stats.restored_bytes_total),
                    restored_objects=int(stats.restored_objects_total))
