@@ -22,7 +22,9 @@ node count (checked: the run fails otherwise).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -174,8 +176,6 @@ def table(result: dict[str, Any]) -> str:
 def bench_cluster(opts: ClusterBenchOptions) -> dict[str, Any]:
     """Start the cluster, add stream nodes one by one, measure each count; the result as a dict."""
     check(opts)
-    import dataclasses
-
     import cv2
 
     from selfsup.jobs.bench.pipeline import modality_args, prepare_shards, source_folder
@@ -216,8 +216,6 @@ def bench_cluster(opts: ClusterBenchOptions) -> dict[str, Any]:
     finally:
         ray.shutdown()
         cluster.shutdown()
-        import shutil
-
         shutil.rmtree(temp, ignore_errors=True)
     per_cpu = [r["samples_per_cpu_s"] for r in rows if r["samples_per_cpu_s"]]
     result = {"samples": snapshot.n_samples, "rows": rows, "options": dataclasses.asdict(opts),
