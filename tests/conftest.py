@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
 # data set → (the constant tests use, where it is expected when nothing finds it)
 EXPECTED = {"fashion-mnist": ("FMNIST", SHARED / "fashion-mnist"), "fsdd": ("FSDD", SHARED / "fsdd" / "recordings"),
-            "video": ("VIDEO", SHARED / "video"), "photos": ("PHOTOS", SHARED / "photos")}
+            "video": ("VIDEO", SHARED / "video"), "photos": ("PHOTOS", SHARED / "photos"),
+            "timgm6mb": ("SOUNDFONT", Path("/usr/share/sounds/sf2"))}
 MISSING: dict[Path, str] = {}  # a missing data set's path → its skip line
 
 
@@ -54,6 +55,7 @@ def find_test_data(data: str | None = None) -> dict[str, Path]:
 
 FOUND = find_test_data()
 FMNIST, FSDD, VIDEO, PHOTOS = FOUND["FMNIST"], FOUND["FSDD"], FOUND["VIDEO"], FOUND["PHOTOS"]
+SOUNDFONT = FOUND["SOUNDFONT"]  # the folder holding TimGM6mb.sf2
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

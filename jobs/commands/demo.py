@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from selfsup.jobs.common import CONFIGS
-from selfsup.jobs.data import find_dataset, missing_line
+from selfsup.jobs.data import GENERAL_AUDIO, SOUNDFONT_FILE, find_dataset, general_audio_parts, missing_line
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,46 @@ QUICK = {
 }
 
 
+# data sets written beside the demos with `--write-sets` (docs/data.md), not yet part of any demo's recipe:
+# `instruments` (dataset timgm6mb): the instrument-family probe set, General MIDI family labels, notes split so no
+# (program, key) is in both splits (pipeline/sources/soundfont.py); `general-audio`: the unlabeled pretraining
+# corpus, one `pretrain` split written from every installed part of jobs.data.GENERAL_AUDIO
+INSTRUMENT_SPLITS = [
+    ("probe-train", ["--source-type", "soundfont", "--subset", "train", "--seed", "0", "--samples-per-shard", "2000"]),
+    ("probe-test", ["--source-type", "soundfont", "--subset", "test", "--seed", "0", "--samples-per-shard", "2000"])]
+EXTRA_SETS = ("instruments", "general-audio")
+
+
+def extra_set_writes(name: str, data: str | None) -> list[tuple[str, str, list[str]]]:
+    """(source path, split, extra `shards write` args) that write the extra data set `name`; FileNotFoundError
+    with the way to get it when its data is missing."""
+    if name == "instruments":
+        found = find_dataset("timgm6mb", data)
+        if found is None:
+            raise FileNotFoundError(missing_line("timgm6mb", data))
+        return [(str(found / SOUNDFONT_FILE), split, extra) for split, extra in INSTRUMENT_SPLITS]
+    if name == "general-audio":
+        parts = general_audio_parts()
+        if not parts:
+            raise FileNotFoundError(f"none of the general-audio packages ({', '.join(p for p, _, _ in GENERAL_AUDIO)}) "
+                                    "is installed: run `python -m selfsup.jobs.data --install-general-audio` as root")
+        return [(path, "pretrain", ["--source-type", kind, "--subset", "all", "--samples-per-shard", "2000"])
+                for path, kind in parts]
+    raise ValueError(f"unknown data set {name!r}: valid: {', '.join(EXTRA_SETS)}")
+
+
+def write_extra_sets(names: list[str], data: str | None, out: str) -> list[str]:
+    """Write each named extra data set under OUT/data/<name> (reruns keep finished shards); their URLs."""
+    urls = []
+    for name in names:
+        url = f"{out}/data/{name}"
+        for source, split, extra in extra_set_writes(name, data):
+            print(f"== shards: {name} {split} ← {source}", file=sys.stderr)
+            cli("shards", "write", source, url, "--modality", "audio", "--split", split, "--quiet", *extra)
+        urls.append(url)
+    return urls
+
+
 def add_parser(sub: Any) -> None:
     """Register `selfsup demo`."""
     p = sub.add_parser("demo", help="run the whole chain on bundled real data (local Ray, local folder)",
@@ -112,6 +152,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--budget-minutes", type=float,
                    help="wall-time budget for the whole demo: pretraining stops (checkpointed) in time to "
                         "leave room for evaluation (default: none; 20 with --quality, 5 with --quick)")
+    p.add_argument("--write-sets", nargs="+", choices=EXTRA_SETS, metavar="SET",
+                   help="only write these audio data sets under OUT/data/ and stop: instruments (the "
+                        "instrument-family probe set), general-audio (the unlabeled pretraining corpus); see docs/data.md")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100")
     p.set_defaults(run=run)
 
@@ -132,6 +175,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.quick and args.quality:
         raise ValueError("--quick and --quality exclude each other")
+    if args.write_sets:
+        for url in write_extra_sets(args.write_sets, args.data, args.out):
+            print(f"written: {storage.redact_url(url)}")
+        return 0
     plan = (QUICK if args.quick else QUALITY if args.quality else PLANS)[args.modality]
     budget = args.budget_minutes or (20.0 if args.quality else 5.0 if args.quick else None)
     source = find_dataset(plan.dataset, args.data)

@@ -40,13 +40,14 @@ def add_parser(sub: Any) -> None:
                                     "rerunning the same command completes an interrupted job without "
                                     "rewriting finished shards.")
     w.add_argument("source", metavar="SOURCE", help="a folder of media files, the Fashion-MNIST IDX folder, "
-                                                    "or the spoken-digit recordings folder")
+                                                    "the spoken-digit recordings folder, or a SoundFont (.sf2)")
     add_target_args(w)
     w.add_argument("--labels", default="auto",
                    help="auto (the source's labels for probe-* splits, none for others), none, folder "
                         "(parent folder name), or a regex whose first group is the label")
     w.add_argument("--source-type", choices=SOURCES.names(), help="override source detection")
-    w.add_argument("--subset", default="train", help="Fashion-MNIST subset: train or test (default train)")
+    w.add_argument("--subset", default="train", help="Fashion-MNIST subset: train or test; SoundFont notes: train, test "
+                                                         "or all (default train)")
     w.add_argument("--include", help="keep only items whose name matches this regex")
     w.add_argument("--exclude", help="drop items whose name matches this regex (e.g. '_theo_')")
     w.add_argument("--limit", type=int, help="write at most N items (a seeded random subset)")
@@ -117,9 +118,9 @@ def open_source(args: argparse.Namespace) -> tuple[Source, str]:
     root = os.path.abspath(args.source)
     if not os.path.exists(root):
         raise FileNotFoundError(f"source {args.source} does not exist")
-    if not os.path.isdir(root):
-        raise ValueError(f"source {args.source} must be a folder")
     kind = detect_source(root, args.modality, args.source_type)
+    if not os.path.isdir(root) and not SOURCES.get(kind).detect(root):
+        raise ValueError(f"source {args.source} must be a folder (or a file its source type reads: a SoundFont .sf2)")
     natural = SOURCES.get(kind).natural_modality
     if natural and natural != args.modality:
         raise ValueError(f"{args.source} is a {kind} source ({natural}), not {args.modality}: "

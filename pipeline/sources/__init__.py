@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from selfsup.pipeline.sources import fashion_mnist, folder, fsdd, moving_fashion_mnist  # noqa: F401  (they register)
+from selfsup.pipeline.sources import (audio_clips, fashion_mnist, folder, fsdd,  # noqa: F401  (they register)
+                                     moving_fashion_mnist, soundfont)
 from selfsup.pipeline.sources.base import (DEFAULT_MAX_ITEM_BYTES, SOURCES, Item, KeyReport, Source, SourceOptions,
                                            apply_filters, item_name, sanitize_key, unique_keys, with_label)
 

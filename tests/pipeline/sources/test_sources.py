@@ -13,9 +13,13 @@ from selfsup.pipeline.sources.fashion_mnist import FashionMNISTSource, read_idx
 from selfsup.pipeline.sources.folder import FolderSource
 from selfsup.pipeline.sources.fsdd import FSDDSource
 from selfsup.pipeline.sources.moving_fashion_mnist import MovingFashionMNISTSource
-from tests.conftest import FMNIST, FSDD, PHOTOS
+from selfsup.pipeline.sources.audio_clips import AudioClipsSource
+from selfsup.pipeline.sources.soundfont import SoundFontSource
+from tests.conftest import FMNIST, FSDD, PHOTOS, SOUNDFONT
 
-ROOTS = {"folder": PHOTOS, "fashion-mnist": FMNIST, "fsdd": FSDD, "moving-fashion-mnist": FMNIST}
+ROOTS = {"folder": PHOTOS, "fashion-mnist": FMNIST, "fsdd": FSDD, "moving-fashion-mnist": FMNIST,
+         "soundfont": SOUNDFONT / "TimGM6mb.sf2", "audio-clips": FSDD}
+NAMED_ONLY = {"audio-clips"}  # never detected: `--source-type` names them
 
 
 @pytest.mark.parametrize("kind", sorted(ROOTS))
@@ -25,7 +29,8 @@ def test_every_source_encodes_its_natural_modality(kind):
     cls = SOURCES.get(kind)
     natural = cls.natural_modality
     source = make_source(kind, str(ROOTS[kind]), SourceOptions(natural or "image", labels="auto", subset="test"))
-    assert type(source) is cls and cls.detect(str(ROOTS[kind])) and not cls.detect("/nonexistent")
+    assert type(source) is cls and cls.detect(str(ROOTS[kind])) != (kind in NAMED_ONLY)
+    assert not cls.detect("/nonexistent")
     items, _ = source.items()
     assert items and len({it.key for it in items[:200]}) == len(items[:200])
     members = source.encode(items[0])
@@ -47,7 +52,8 @@ def test_detection_prefers_the_source_of_the_requested_modality(root, modality, 
 
 def test_a_named_source_type_wins_and_an_unknown_one_lists_the_valid():
     assert detect_source(str(FMNIST), "image", "folder") == "folder"
-    with pytest.raises(ValueError, match="valid: fashion-mnist, folder, fsdd, moving-fashion-mnist"):
+    with pytest.raises(ValueError, match="valid: audio-clips, fashion-mnist, folder, fsdd, moving-fashion-mnist, "
+                                         "soundfont"):
         detect_source(str(FMNIST), "image", "mnist")
 
 
@@ -58,6 +64,10 @@ def test_each_source_reads_only_its_settings():
     assert make_source("folder", "/d", SourceOptions("image", labels="none")) == FolderSource("/d", "image", "none")
     assert make_source("fashion-mnist", "/d", opts) == FashionMNISTSource("/d", "test", "auto")
     assert make_source("fsdd", "/d", opts) == FSDDSource("/d", "auto")
+    assert make_source("soundfont", "/d", opts) == SoundFontSource("/d", "test", "auto", 7)
+    assert make_source("audio-clips", "/d", opts) == AudioClipsSource("/d", 7)
+    with pytest.raises(ValueError, match="--subset must be one of train, test, all for a SoundFont, got 'x'"):
+        make_source("soundfont", "/d", SourceOptions("audio", subset="x"))
     assert make_source("moving-fashion-mnist", "/d", opts) == MovingFashionMNISTSource("/d", "test", "auto", 7)
     assert repr(FashionMNISTSource("/d", "test", "auto")) == "FashionMNISTSource(root='/d', subset='test', labels='auto')"
     assert repr(MovingFashionMNISTSource("/d")) == ("MovingFashionMNISTSource(root='/d', subset='train', labels='auto', "
