@@ -6,6 +6,9 @@ Importing this package registers every one of them (one module each):
 - `fashion-mnist`: the four IDX files (gzip or not) of Fashion-MNIST / MNIST; `--subset train|test`
 - `fsdd`: Free Spoken Digit recordings `{digit}_{speaker}_{index}.wav`; label = digit
 - `moving-fashion-mnist`: clips of one Fashion-MNIST item moving across a canvas
+- `soundfont`: notes rendered from a SoundFont 2 file's General MIDI presets; label = GM family;
+  `--subset train|test|all` splits by note
+- `audio-clips`: sound files of any length cut into seeded 1-2 s clips (named only, never detected)
 
 A source is detected from the SOURCE folder or named with `--source-type`. To add one, write a
 module here with a frozen dataclass that satisfies `Source` (base.py), decorate it with
