@@ -11,7 +11,6 @@ I/O errors are retried by the storage layer, then raised naming the shard.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -20,13 +19,14 @@ from typing import AbstractSet, Any, Mapping, Optional
 import numpy as np
 
 from selfsup.pipeline import storage
+from selfsup.pipeline.indexcache import DEFAULT_INDEX_CACHE_BYTES, IndexCache
 from selfsup.pipeline.masking import make_mask
 from selfsup.pipeline.modalities import make_modality
 from selfsup.pipeline.modalities.base import Modality, Sample
 from selfsup.pipeline.plan import EpochPlan, plan_epoch
 from selfsup.pipeline.seeding import sample_rng, stable_hash
 from selfsup.pipeline.snapshot import Snapshot
-from selfsup.pipeline.tarindex import ShardIndex, decode_label, load_index, members_from_range
+from selfsup.pipeline.tarindex import PackedIndex, decode_label, load_index, members_from_range
 
 ON_ERROR = ("quarantine", "raise")
 MAX_REPLACEMENT_ATTEMPTS = 16
@@ -62,10 +62,14 @@ class FeedSpec:
     label: Optional[str] = None               # eval: "cls" or a key of the sample's .json
     on_error: str = "quarantine"
     storage_options: Optional[Mapping[str, Any]] = None
+    index_cache_bytes: int = DEFAULT_INDEX_CACHE_BYTES  # shard indexes a maker keeps (not in the hash: same batches)
 
     def __post_init__(self) -> None:
         if self.on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
+        if self.index_cache_bytes < 0:
+            raise ValueError(f"index_cache_bytes={self.index_cache_bytes} is negative; give 0 (no cache) or more "
+                             "(data.index_cache_mb)")
 
     def __hash__(self) -> int:  # mappings inside: hash a stable digest instead
         return stable_hash(self.snapshot.digest(), self.batch_size, json.dumps(
@@ -95,7 +99,7 @@ def label_of(members: Mapping[str, bytes], target: str) -> int:
 
 
 class BatchMaker:
-    """Makes micro-batches for one feed spec; caches shard indexes and epoch plans."""
+    """Makes micro-batches for one feed spec; caches shard indexes (bounded in bytes) and epoch plans."""
 
     def __init__(self, spec: FeedSpec) -> None:
         _one_thread()
@@ -103,9 +107,9 @@ class BatchMaker:
         self.modality = make_modality(spec.snapshot.modality, **dict(spec.modality_args))
         self.grid = self.modality.token_grid(spec.mask["geometry"]) if spec.mask is not None else None
         self.sample_limit = sample_byte_limit(self.modality)
-        self._index = functools.lru_cache(maxsize=256)(self._load_index)
+        self._index: IndexCache[PackedIndex] = IndexCache(self._load_index, spec.index_cache_bytes)
 
-    def _load_index(self, shard: int) -> ShardIndex:
+    def _load_index(self, shard: int) -> PackedIndex:
         ref = self.spec.snapshot.shards[shard]
         try:
             idx = load_index(ref.index_url, self.spec.storage_options)
@@ -114,7 +118,7 @@ class BatchMaker:
         if len(idx) != ref.n_samples:
             raise ShardReadError(f"{storage.redact_url(ref.url)}: index lists {len(idx)} samples, "
                                  f"the snapshot {ref.n_samples}")
-        return idx
+        return PackedIndex(idx)
 
     def read(self, shard: int, lo: int, hi: int) -> list[tuple[str, dict[str, bytes]]]:
         """Samples lo..hi-1 of a snapshot shard, one ranged read."""
@@ -132,7 +136,7 @@ class BatchMaker:
         Each run of such samples is one ranged read; any other is left unread (members {}) on its index size alone.
         """
         idx = self._index(shard)
-        fits = [idx.ends[j] - idx.starts[j] <= self.sample_limit for j in range(lo, hi)]
+        fits = (idx.ends[lo:hi] - idx.starts[lo:hi] <= self.sample_limit).tolist()
         out: list[tuple[str, dict[str, bytes], Optional[str]]] = []
         j = lo
         while j < hi:
