@@ -120,6 +120,10 @@ class BatchMaker:
                                  f"the snapshot {ref.n_samples}")
         return PackedIndex(idx)
 
+    def index_stats(self) -> dict[str, int]:
+        """The shard-index cache: entries, bytes held, budget, hits, misses, evictions."""
+        return self._index.stats()
+
     def read(self, shard: int, lo: int, hi: int) -> list[tuple[str, dict[str, bytes]]]:
         """Samples lo..hi-1 of a snapshot shard, one ranged read."""
         ref, idx = self.spec.snapshot.shards[shard], self._index(shard)
