@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import AbstractSet, Any, Mapping, Optional
+from typing import AbstractSet, Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -252,7 +252,7 @@ class BatchMaker:
             if self.grid is not None:
                 blank["mask"] = np.zeros(int(np.prod(self.grid)), bool)
             samples = samples + [blank] * pad
-        batch: dict[str, Any] = {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+        batch: dict[str, Any] = stack_rows(samples)
         snapshot = self.spec.snapshot
         batch["key"] = np.array([r[2] for r in rows] + [""] * pad)
         batch["shard"] = np.array([snapshot.shards[r[0]].url for r in rows] + [""] * pad)
@@ -266,6 +266,25 @@ class BatchMaker:
         batch["index"] = np.int64(i)
         batch["quarantine"] = quarantine
         return batch
+
+
+def stack_rows(samples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Each field of `samples` as one preallocated, contiguous [B, ...] array, row j copied from sample j.
+
+    The bytes np.stack gives, without its per-field list of expanded views; a field whose rows
+    differ in shape or dtype goes through np.stack itself, so its promotion and its error stay.
+    """
+    out: dict[str, np.ndarray] = {}
+    for k, first in samples[0].items():
+        rows = np.empty((len(samples), *np.shape(first)), np.asarray(first).dtype)  # [B, ...]
+        for j, s in enumerate(samples):
+            v = s[k]
+            if np.shape(v) != rows.shape[1:] or np.asarray(v).dtype != rows.dtype:
+                rows = np.stack([s[k] for s in samples])
+                break
+            rows[j] = v
+        out[k] = rows
+    return out
 
 
 def _locate(segments: list[tuple[int, int, int]], slot: int) -> tuple[int, int, int]:
