@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import AbstractSet, Any, Mapping, Optional, Sequence
 
@@ -81,6 +83,34 @@ class FeedSpec:
         return plan_epoch(self.snapshot, self.seed, epoch, self.batch_size, self.mix, self.run_length, self.train)
 
 
+class ReadCounter:
+    """A maker's ranged reads: how many, bytes, seconds, the most in flight at once, and how many
+    began while a sample was being decoded (reads overlapping decode; 0 while reads are synchronous)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reads = self.bytes = self.in_flight = self.max_in_flight = self.decoding = self.overlapped = 0
+        self.seconds = 0.0
+
+    def begin(self) -> float:
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self.overlapped += self.decoding > 0
+        return time.perf_counter()
+
+    def end(self, t0: float, nbytes: int) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            self.reads, self.bytes = self.reads + 1, self.bytes + nbytes
+            self.seconds += time.perf_counter() - t0
+
+    def stats(self) -> dict[str, float]:
+        """The counts so far (JSON-ready)."""
+        return {"reads": self.reads, "bytes": self.bytes, "read_s": self.seconds,
+                "max_in_flight": self.max_in_flight, "overlapped_decode": self.overlapped}
+
+
 def sample_byte_limit(modality: Modality) -> int:
     """The most bytes a sample may span before it is read: its modality's `max_bytes` (if any) plus headers."""
     member = getattr(modality, "max_bytes", None)
@@ -108,6 +138,7 @@ class BatchMaker:
         self.grid = self.modality.token_grid(spec.mask["geometry"]) if spec.mask is not None else None
         self.sample_limit = sample_byte_limit(self.modality)
         self._index: IndexCache[PackedIndex] = IndexCache(self._load_index, spec.index_cache_bytes)
+        self.reads = ReadCounter()
 
     def _load_index(self, shard: int) -> PackedIndex:
         ref = self.spec.snapshot.shards[shard]
@@ -128,10 +159,13 @@ class BatchMaker:
         """Samples lo..hi-1 of a snapshot shard, one ranged read."""
         ref, idx = self.spec.snapshot.shards[shard], self._index(shard)
         start, end = idx.span(lo, hi)
+        t0, data = self.reads.begin(), b""
         try:
             data = storage.read_bytes(ref.url, start, end, self.spec.storage_options)
         except OSError as e:
             raise ShardReadError(f"reading {storage.redact_url(ref.url)} bytes {start}-{end} failed: {e}") from e
+        finally:
+            self.reads.end(t0, len(data))
         return members_from_range(idx, lo, hi, data)
 
     def read_within_limit(self, shard: int, lo: int, hi: int) -> list[tuple[str, dict[str, bytes], Optional[str]]]:
@@ -160,7 +194,11 @@ class BatchMaker:
         """One sample's arrays (views, mask); raises on decode failure."""
         url = self.spec.snapshot.shards[shard].url
         rng = sample_rng(self.spec.seed, epoch, url, key)
-        out = self.modality.sample(self.modality.decode(members), rng, self.spec.train)
+        self.reads.decoding += 1
+        try:
+            out = self.modality.sample(self.modality.decode(members), rng, self.spec.train)
+        finally:
+            self.reads.decoding -= 1
         if self.spec.mask is not None and self.grid is not None:  # both or neither
             mrng = sample_rng(self.spec.seed, epoch, url, key, "mask")
             valid = self.modality.valid_tokens(out, self.spec.mask["geometry"])

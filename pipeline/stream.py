@@ -39,6 +39,10 @@ class ShardStream:
         """This process's peak and current resident bytes (Linux VmHWM, VmRSS; 0 elsewhere) and its index cache."""
         return {**process_memory(), **{f"index_cache_{k}": v for k, v in self.maker.index_stats().items()}}
 
+    def io_stats(self) -> dict[str, float]:
+        """This stream's ranged reads: count, bytes, seconds, most in flight at once, reads begun during a decode."""
+        return self.maker.reads.stats()
+
     def pid(self) -> int:
         """The actor's process id (tests kill it to check recovery)."""
         return os.getpid()
