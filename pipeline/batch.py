@@ -11,22 +11,24 @@ I/O errors are retried by the storage layer, then raised naming the shard.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
+import threading
+import time
 from dataclasses import dataclass, field
-from typing import AbstractSet, Any, Mapping, Optional
+from typing import AbstractSet, Any, Mapping, Optional, Sequence
 
 import numpy as np
 
 from selfsup.pipeline import storage
+from selfsup.pipeline.indexcache import DEFAULT_INDEX_CACHE_BYTES, IndexCache
 from selfsup.pipeline.masking import make_mask
 from selfsup.pipeline.modalities import make_modality
 from selfsup.pipeline.modalities.base import Modality, Sample
 from selfsup.pipeline.plan import EpochPlan, plan_epoch
 from selfsup.pipeline.seeding import sample_rng, stable_hash
 from selfsup.pipeline.snapshot import Snapshot
-from selfsup.pipeline.tarindex import ShardIndex, decode_label, load_index, members_from_range
+from selfsup.pipeline.tarindex import PackedIndex, decode_label, load_index, members_from_range
 
 ON_ERROR = ("quarantine", "raise")
 MAX_REPLACEMENT_ATTEMPTS = 16
@@ -62,10 +64,14 @@ class FeedSpec:
     label: Optional[str] = None               # eval: "cls" or a key of the sample's .json
     on_error: str = "quarantine"
     storage_options: Optional[Mapping[str, Any]] = None
+    index_cache_bytes: int = DEFAULT_INDEX_CACHE_BYTES  # shard indexes a maker keeps (not in the hash: same batches)
 
     def __post_init__(self) -> None:
         if self.on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
+        if self.index_cache_bytes < 0:
+            raise ValueError(f"index_cache_bytes={self.index_cache_bytes} is negative; give 0 (no cache) or more "
+                             "(data.index_cache_mb)")
 
     def __hash__(self) -> int:  # mappings inside: hash a stable digest instead
         return stable_hash(self.snapshot.digest(), self.batch_size, json.dumps(
@@ -75,6 +81,34 @@ class FeedSpec:
     def plan(self, epoch: int) -> EpochPlan:
         """The plan of an epoch under this spec."""
         return plan_epoch(self.snapshot, self.seed, epoch, self.batch_size, self.mix, self.run_length, self.train)
+
+
+class ReadCounter:
+    """A maker's ranged reads: how many, bytes, seconds, the most in flight at once, and how many
+    began while a sample was being decoded (reads overlapping decode; 0 while reads are synchronous)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reads = self.bytes = self.in_flight = self.max_in_flight = self.decoding = self.overlapped = 0
+        self.seconds = 0.0
+
+    def begin(self) -> float:
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self.overlapped += self.decoding > 0
+        return time.perf_counter()
+
+    def end(self, t0: float, nbytes: int) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            self.reads, self.bytes = self.reads + 1, self.bytes + nbytes
+            self.seconds += time.perf_counter() - t0
+
+    def stats(self) -> dict[str, float]:
+        """The counts so far (JSON-ready)."""
+        return {"reads": self.reads, "bytes": self.bytes, "read_s": self.seconds,
+                "max_in_flight": self.max_in_flight, "overlapped_decode": self.overlapped}
 
 
 def sample_byte_limit(modality: Modality) -> int:
@@ -95,7 +129,7 @@ def label_of(members: Mapping[str, bytes], target: str) -> int:
 
 
 class BatchMaker:
-    """Makes micro-batches for one feed spec; caches shard indexes and epoch plans."""
+    """Makes micro-batches for one feed spec; caches shard indexes (bounded in bytes) and epoch plans."""
 
     def __init__(self, spec: FeedSpec) -> None:
         _one_thread()
@@ -103,9 +137,10 @@ class BatchMaker:
         self.modality = make_modality(spec.snapshot.modality, **dict(spec.modality_args))
         self.grid = self.modality.token_grid(spec.mask["geometry"]) if spec.mask is not None else None
         self.sample_limit = sample_byte_limit(self.modality)
-        self._index = functools.lru_cache(maxsize=256)(self._load_index)
+        self._index: IndexCache[PackedIndex] = IndexCache(self._load_index, spec.index_cache_bytes)
+        self.reads = ReadCounter()
 
-    def _load_index(self, shard: int) -> ShardIndex:
+    def _load_index(self, shard: int) -> PackedIndex:
         ref = self.spec.snapshot.shards[shard]
         try:
             idx = load_index(ref.index_url, self.spec.storage_options)
@@ -114,16 +149,23 @@ class BatchMaker:
         if len(idx) != ref.n_samples:
             raise ShardReadError(f"{storage.redact_url(ref.url)}: index lists {len(idx)} samples, "
                                  f"the snapshot {ref.n_samples}")
-        return idx
+        return PackedIndex(idx)
+
+    def index_stats(self) -> dict[str, int]:
+        """The shard-index cache: entries, bytes held, budget, hits, misses, evictions."""
+        return self._index.stats()
 
     def read(self, shard: int, lo: int, hi: int) -> list[tuple[str, dict[str, bytes]]]:
         """Samples lo..hi-1 of a snapshot shard, one ranged read."""
         ref, idx = self.spec.snapshot.shards[shard], self._index(shard)
         start, end = idx.span(lo, hi)
+        t0, data = self.reads.begin(), b""
         try:
             data = storage.read_bytes(ref.url, start, end, self.spec.storage_options)
         except OSError as e:
             raise ShardReadError(f"reading {storage.redact_url(ref.url)} bytes {start}-{end} failed: {e}") from e
+        finally:
+            self.reads.end(t0, len(data))
         return members_from_range(idx, lo, hi, data)
 
     def read_within_limit(self, shard: int, lo: int, hi: int) -> list[tuple[str, dict[str, bytes], Optional[str]]]:
@@ -132,7 +174,7 @@ class BatchMaker:
         Each run of such samples is one ranged read; any other is left unread (members {}) on its index size alone.
         """
         idx = self._index(shard)
-        fits = [idx.ends[j] - idx.starts[j] <= self.sample_limit for j in range(lo, hi)]
+        fits = (idx.ends[lo:hi] - idx.starts[lo:hi] <= self.sample_limit).tolist()
         out: list[tuple[str, dict[str, bytes], Optional[str]]] = []
         j = lo
         while j < hi:
@@ -152,7 +194,11 @@ class BatchMaker:
         """One sample's arrays (views, mask); raises on decode failure."""
         url = self.spec.snapshot.shards[shard].url
         rng = sample_rng(self.spec.seed, epoch, url, key)
-        out = self.modality.sample(self.modality.decode(members), rng, self.spec.train)
+        self.reads.decoding += 1
+        try:
+            out = self.modality.sample(self.modality.decode(members), rng, self.spec.train)
+        finally:
+            self.reads.decoding -= 1
         if self.spec.mask is not None and self.grid is not None:  # both or neither
             mrng = sample_rng(self.spec.seed, epoch, url, key, "mask")
             valid = self.modality.valid_tokens(out, self.spec.mask["geometry"])
@@ -244,7 +290,7 @@ class BatchMaker:
             if self.grid is not None:
                 blank["mask"] = np.zeros(int(np.prod(self.grid)), bool)
             samples = samples + [blank] * pad
-        batch: dict[str, Any] = {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+        batch: dict[str, Any] = stack_rows(samples)
         snapshot = self.spec.snapshot
         batch["key"] = np.array([r[2] for r in rows] + [""] * pad)
         batch["shard"] = np.array([snapshot.shards[r[0]].url for r in rows] + [""] * pad)
@@ -258,6 +304,25 @@ class BatchMaker:
         batch["index"] = np.int64(i)
         batch["quarantine"] = quarantine
         return batch
+
+
+def stack_rows(samples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Each field of `samples` as one preallocated, contiguous [B, ...] array, row j copied from sample j.
+
+    The bytes np.stack gives, without its per-field list of expanded views; a field whose rows
+    differ in shape or dtype goes through np.stack itself, so its promotion and its error stay.
+    """
+    out: dict[str, np.ndarray] = {}
+    for k, first in samples[0].items():
+        rows = np.empty((len(samples), *np.shape(first)), np.asarray(first).dtype)  # [B, ...]
+        for j, s in enumerate(samples):
+            v = s[k]
+            if np.shape(v) != rows.shape[1:] or np.asarray(v).dtype != rows.dtype:
+                rows = np.stack([s[k] for s in samples])
+                break
+            rows[j] = v
+        out[k] = rows
+    return out
 
 
 def _locate(segments: list[tuple[int, int, int]], slot: int) -> tuple[int, int, int]:

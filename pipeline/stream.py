@@ -35,6 +35,14 @@ class ShardStream:
         """Make only row `slot` of micro-batch i (isolating a sample that kills its process)."""
         return self.maker.check(epoch, i, slot)
 
+    def memory(self) -> dict[str, int]:
+        """This process's peak and current resident bytes (Linux VmHWM, VmRSS; 0 elsewhere) and its index cache."""
+        return {**process_memory(), **{f"index_cache_{k}": v for k, v in self.maker.index_stats().items()}}
+
+    def io_stats(self) -> dict[str, float]:
+        """This stream's ranged reads: count, bytes, seconds, most in flight at once, reads begun during a decode."""
+        return self.maker.reads.stats()
+
     def pid(self) -> int:
         """The actor's process id (tests kill it to check recovery)."""
         return os.getpid()
@@ -54,3 +62,17 @@ def start_stream(spec: FeedSpec, num_cpus: float = 1.0, resources: Optional[Mapp
     if name:
         opts["name"] = name
     return ShardStream.options(**opts).remote(spec)  # type: ignore[attr-defined]  # @ray.remote made it an actor class
+
+
+def process_memory() -> dict[str, int]:
+    """{"peak_rss": VmHWM, "rss": VmRSS} of this process in bytes, from /proc/self/status (zeros elsewhere)."""
+    out = {"peak_rss": 0, "rss": 0}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name in ("VmHWM", "VmRSS"):
+                    out["peak_rss" if name == "VmHWM" else "rss"] = int(value.split()[0]) * 1024  # kB
+    except OSError:
+        pass
+    return out

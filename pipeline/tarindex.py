@@ -13,7 +13,9 @@ import json
 import tarfile
 import zlib
 from dataclasses import dataclass
-from typing import IO, Any, Iterator, Mapping, Optional
+from typing import IO, Any, Iterator, Mapping, Optional, Union
+
+import numpy as np
 
 from selfsup.pipeline import storage
 
@@ -84,6 +86,77 @@ class ShardIndex:
         return self.starts[lo], self.ends[hi - 1]
 
 
+class _PackedKeys:
+    """The keys of a PackedIndex, decoded one at a time from one UTF-8 blob."""
+
+    def __init__(self, blob: bytes, bounds: np.ndarray) -> None:
+        self.blob, self.bounds = blob, bounds  # bounds: [n + 1] int64 offsets into blob
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return self.blob[self.bounds[i]: self.bounds[i + 1]].decode("utf-8")
+
+
+class _PackedMembers:
+    """The members of a PackedIndex, one sample's {ext: (offset, size, crc)} built on request."""
+
+    def __init__(self, layouts: tuple[tuple[str, ...], ...], layout: np.ndarray, first: np.ndarray,
+                 table: np.ndarray) -> None:
+        self.layouts, self.layout, self.first, self.table = layouts, layout, first, table
+
+    def __len__(self) -> int:
+        return len(self.layout)
+
+    def __getitem__(self, i: int) -> dict[str, tuple[int, int, int]]:
+        rows = self.table[self.first[i]: self.first[i + 1]].tolist()  # [M, 3] offset, size, crc
+        return {ext: (r[0], r[1], r[2]) for ext, r in zip(self.layouts[self.layout[i]], rows)}
+
+
+class PackedIndex:
+    """A ShardIndex held in a few numpy arrays (what BatchMaker caches): the same lookups, ~6× fewer bytes.
+
+    A parsed ShardIndex spends ~570 bytes of Python objects per sample (a dict of tuples of ints
+    each; 17 MB for 30,000 samples); here ~90 bytes a sample (2.7 MB), and
+    `nbytes` says how much it holds, so a cache can be bounded in bytes.
+    """
+
+    def __init__(self, index: ShardIndex) -> None:
+        n = len(index)
+        self.shard = index.shard
+        encoded = [k.encode("utf-8") for k in index.keys]
+        bounds = np.zeros(n + 1, np.int64)  # [n + 1]
+        np.cumsum([len(k) for k in encoded], out=bounds[1:])
+        self.keys = _PackedKeys(b"".join(encoded), bounds)
+        self.starts = np.asarray(index.starts, np.int64)  # [n]
+        self.ends = np.asarray(index.ends, np.int64)  # [n]
+        layouts: dict[tuple[str, ...], int] = {}
+        layout = np.array([layouts.setdefault(tuple(m), len(layouts)) for m in index.members], np.int32)  # [n]
+        first = np.zeros(n + 1, np.int64)  # [n + 1]: sample i's members are table rows first[i]..first[i+1]-1
+        np.cumsum([len(m) for m in index.members], out=first[1:])
+        table = np.array([v for m in index.members for v in m.values()], np.int64).reshape(-1, 3)  # [M, 3]
+        self.members = _PackedMembers(tuple(layouts), layout, first, table)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def span(self, lo: int, hi: int) -> tuple[int, int]:
+        """Byte range [start, end) holding samples lo..hi-1."""
+        return int(self.starts[lo]), int(self.ends[hi - 1])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this index holds (arrays, key text, object headers): what a byte-bounded cache counts."""
+        m = self.members
+        arrays = (self.keys.bounds, self.starts, self.ends, m.layout, m.first, m.table)
+        layouts = sum(64 + sum(56 + len(e) for e in names) for names in m.layouts)
+        return sum(a.nbytes + 112 for a in arrays) + len(self.keys.blob) + 33 + layouts + 512 + len(self.shard)
+
+
+AnyIndex = Union[ShardIndex, PackedIndex]
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
@@ -150,10 +223,10 @@ def index_tar(fileobj: IO[bytes], shard: str) -> ShardIndex:
     return ShardIndex(shard, tuple(keys), tuple(starts), tuple(ends), tuple(members))
 
 
-def members_from_range(index: ShardIndex, lo: int, hi: int, data: bytes,
+def members_from_range(index: AnyIndex, lo: int, hi: int, data: bytes,
                        check_crc: bool = False) -> list[tuple[str, Members]]:
     """Slice samples lo..hi-1 out of `data`, the bytes of index.span(lo, hi)."""
-    base = index.starts[lo]
+    base = index.span(lo, hi)[0]
     out = []
     for i in range(lo, hi):
         sample: Members = {}

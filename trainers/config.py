@@ -37,6 +37,7 @@ class DataConfig:
     backend: str = "ray"           # ray | local | inline
     on_error: str = "quarantine"   # quarantine | raise
     max_worker_deaths: int = 2     # deaths while making one batch before it is made sample by sample
+    index_cache_mb: float = 64.0   # shard indexes each stream keeps in memory (LRU, bounded in bytes)
     mean: Optional[list[float]] = None  # per-channel normalization of uint8 inputs (0-1 scale)
     std: Optional[list[float]] = None
 
@@ -185,6 +186,8 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
          "gradient sync on all but the last micro-batch, which a static graph does not allow for"),
         (cfg.scaling.num_workers >= 1, f"scaling.num_workers={cfg.scaling.num_workers} must be at least 1"),
         (cfg.data.max_worker_deaths >= 1, f"data.max_worker_deaths={cfg.data.max_worker_deaths} must be at least 1"),
+        (cfg.data.index_cache_mb >= 0, f"data.index_cache_mb={cfg.data.index_cache_mb} must not be negative "
+         "(0 keeps no index; the default is 64)"),
         ((cfg.data.mean is None) == (cfg.data.std is None), "give data.mean and data.std together"),
     ]
     for ok, message in checks:
@@ -199,6 +202,7 @@ def config_digest(cfg: PretrainConfig) -> str:
     data.pop("run", None)
     data.pop("cluster", None)  # where and how a run is scheduled does not decide the model
     data.pop("retrain", None)
+    data["data"].pop("index_cache_mb", None)  # nor the streams' index cache (same batches)
     for key in TRACKING:  # where metrics are shown does not decide the model either
         data["train"].pop(key, None)
     return hashlib.blake2b(json.dumps(data, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()

@@ -32,6 +32,15 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--workdir", help="shards cache and Ray temp dir (default runs/bench/MODALITY)")
     b.add_argument("--json", action="store_true", help="print one JSON object on stdout (table goes to stderr)")
     b.add_argument("--check", action="store_true", help="exit 1 when a floor is missed")
+    b.add_argument("--storage", choices=["local", "s3"], default="local",
+                   help="s3: instead, the selfsup variant on local disk vs. the same shards on a moto S3 server on "
+                        "127.0.0.1 that the bench starts (needs the test extras), alternating; ratio and ranged "
+                        "reads in flight per stream")
+    b.add_argument("--grow", action="store_true",
+                   help="instead: one stream's peak RSS over an epoch of a dataset and of one 10× larger "
+                        "(2× shards, 5× samples a shard); --batch-size (32), --size (64), --data, --workdir apply")
+    b.add_argument("--index-cache-mb", type=float, default=64.0,
+                   help="with --grow: the streams' shard-index cache budget (default 64)")
     b.set_defaults(run=run)
 
     from selfsup.jobs.bench import cluster as cluster_engine
@@ -115,9 +124,29 @@ def emit(result: dict[str, Any], as_json: bool) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Measure, print the table (stderr) and, with --json, the result (stdout); --check: exit 1 below a floor."""
+    if args.grow:
+        return run_growth(args)
+    if args.storage == "s3":
+        from selfsup.jobs.bench.objectstore import bench_storage
+
+        return emit(bench_storage(BenchOptions(
+            modality=args.modality, streams=args.streams, samples=args.samples, batch_size=args.batch_size,
+            size=args.size, recipe=args.recipe, repeats=args.repeats, prefetch=args.prefetch, data=args.data,
+            workdir=args.workdir)), args.json)
     result = bench_pipeline(BenchOptions(
         modality=args.modality, streams=args.streams, samples=args.samples, batch_size=args.batch_size,
         size=args.size, recipe=args.recipe, repeats=args.repeats, prefetch=args.prefetch, variants=args.variants,
         data=args.data, workdir=args.workdir))
     emit(result, args.json)
     return 1 if args.check and result["pass"] is False else 0
+
+
+def run_growth(args: argparse.Namespace) -> int:
+    """`bench pipeline --grow`: a stream's peak RSS as the dataset grows 10×; table (stderr), --json (stdout)."""
+    from selfsup.jobs.bench.growth import GrowthOptions, bench_growth
+
+    d = GrowthOptions()
+    result = bench_growth(GrowthOptions(
+        modality=args.modality, batch_size=args.batch_size or d.batch_size, size=args.size or d.size,
+        index_cache_mb=args.index_cache_mb, data=args.data, workdir=args.workdir))
+    return emit(result, args.json)

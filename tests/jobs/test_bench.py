@@ -23,6 +23,8 @@ def test_bench_pipeline_image_json(tmp_path):
     assert result["efficiency"] == pytest.approx(result["selfsup"] / result["kernel"])
     assert result["vs_dataloader"] == pytest.approx(result["selfsup"] / result["dataloader"])
     assert 0 <= result["stall_pct"] <= 100
+    assert 0 < result["ttfb_warm_s"] < 60 and 0 < result["ttfb_cold_s"] < 120  # fresh actors start, then warm
+    assert "time to first batch: cold" in proc.stderr
     assert set(result["floors"]) == set(RATIOS)
     for floor in result["floors"].values():
         assert floor["pass"] == (floor["value"] >= floor["floor"])

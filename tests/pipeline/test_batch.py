@@ -1,0 +1,96 @@
+"""BatchMaker's batch arrays: written row by row into preallocated arrays, they hold exactly the bytes
+np.stack of the samples gives, quarantine replacements and padding rows included, for every modality."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from selfsup.pipeline.batch import BatchMaker, FeedSpec, stack_rows
+from selfsup.pipeline.modalities.video import encode_clip_mp4
+from selfsup.pipeline.seeding import stable_hash
+from selfsup.pipeline.snapshot import SourceSpec, build_snapshot
+from tests.conftest import ARGS, FSDD, add_shard, images, texture_clip
+
+WAVE = {"sample_rate": 8000, "seconds": 0.5, "output": "wave"}
+SPAN = {"kind": "span", "ratio": 0.5, "mask_length": 2,
+        "geometry": {"conv_layers": [[8, 10, 5]] + [[8, 3, 2]] * 4 + [[8, 2, 2]] * 2}}
+CLIP = {"frames": 4, "stride": 1, "size": 16}
+
+
+def media(modality: str, n: int) -> list[tuple[str, dict[str, bytes]]]:
+    """n real samples of `modality` and, at position 2, one that cannot decode (quarantined)."""
+    if modality == "image":
+        good = [(k, m | {"cls": str(i % 3).encode()}) for i, (k, m) in enumerate(images(n, set()))]
+    elif modality == "audio":
+        good = [(p.stem, {"wav": p.read_bytes()}) for p in sorted(FSDD.glob("*.wav"))[:n]]
+    else:
+        good = [(f"clip{i}", {"mp4": encode_clip_mp4(texture_clip(6, 32, seed=i), 10)}) for i in range(n)]
+    ext = {"image": "jpg", "audio": "wav", "video": "mp4"}[modality]
+    return good[:2] + [("broken", {ext: b"not media at all"})] + good[2:]
+
+
+CASES = {  # modality, samples, batch size, modality args, train, mask, label
+    "image-two-views-mask": ("image", 9, 5, ARGS | {"recipe": "simclr"}, True,
+                             {"kind": "random", "ratio": 0.5, "geometry": {"patch": 7}}, None),
+    "image-eval-padded": ("image", 10, 4, ARGS, False, None, "cls"),
+    "audio-wave-eval-padded": ("audio", 6, 3, WAVE, False, SPAN, None),
+    "video-two-views": ("video", 3, 2, CLIP | {"output": "two"}, True, None, None),
+    "video-eval-padded": ("video", 3, 3, CLIP, False, None, None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_batch_rows_are_the_bytes_np_stack_gives_with_padding_and_quarantine(case: str, tmp_path: Any) -> None:
+    modality, n, size, args, train, mask, label = CASES[case]
+    dest = str(tmp_path / "ds")
+    add_shard(dest, "pretrain-000000", media(modality, n), modality)
+    spec = FeedSpec(build_snapshot([SourceSpec(url=dest, split="pretrain")]), size, args, seed=5, train=train,
+                    mask=mask, label=label)
+    maker = BatchMaker(spec)
+    plan, padded, quarantined = spec.plan(0), 0, 0
+    for i in range(plan.num_batches):
+        batch = maker.make(0, i)
+        expected = reference_rows(maker, batch)
+        assert set(expected) <= set(batch)
+        for k, want in expected.items():
+            got = batch[k]
+            assert got.dtype == want.dtype and got.shape == want.shape and got.flags.c_contiguous, k
+            assert got.tobytes() == want.tobytes(), (case, i, k)
+        padded += int((batch["position"] < 0).sum())
+        quarantined += int(batch["quarantined"].sum())
+    assert quarantined == 1 and (padded > 0) == (not train)
+
+
+def reference_rows(maker: BatchMaker, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    """np.stack of each row made on its own: the sample, its replacement if quarantined, or the blank."""
+    spec, urls = maker.spec, [s.url for s in maker.spec.snapshot.shards]
+    rows = [(urls.index(str(u)), int(p)) for u, p in zip(batch["shard"], batch["position"]) if p >= 0]
+    made: list[Any] = []
+    for shard, pos in rows:
+        key, members = maker.read(shard, pos, pos + 1)[0]
+        try:
+            made.append(maker.sample(int(batch["epoch"]), shard, key, members, 0))
+        except Exception:  # noqa: BLE001 - the broken sample
+            made.append(None)
+    samples = []
+    for j, s in enumerate(made):
+        if s is None:  # quarantined: the stable-hash choice from the same micro-batch (a good one here)
+            s = made[stable_hash(spec.seed, int(batch["epoch"]), str(batch["key"][j]), 0) % len(made)]
+            assert s is not None
+        samples.append(s)
+    blank = maker.modality.blank(spec.train) | ({"mask": np.zeros(int(np.prod(maker.grid)), bool)}
+                                                if maker.grid else {})
+    samples += [blank] * (spec.batch_size - len(rows))
+    return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+def test_stack_rows_keeps_np_stack_promotion_and_its_error_for_rows_that_differ() -> None:
+    rows = [{"a": np.arange(6, dtype=np.uint8).reshape(2, 3), "n": np.array(j, np.int64)} for j in range(3)]
+    out = stack_rows(rows)
+    assert out["a"].tobytes() == np.stack([r["a"] for r in rows]).tobytes() and out["n"].tolist() == [0, 1, 2]
+    mixed = rows[:2] + [{"a": np.full((2, 3), 300, np.int16), "n": np.array(2, np.int64)}]
+    assert stack_rows(mixed)["a"].dtype == np.int16 and stack_rows(mixed)["a"][2, 0, 0] == 300  # not wrapped to uint8
+    with pytest.raises(ValueError, match="same shape"):
+        stack_rows(rows[:2] + [{"a": np.zeros((3,), np.uint8), "n": np.array(2, np.int64)}])
