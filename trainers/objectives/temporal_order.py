@@ -11,19 +11,17 @@ its reverse needs the direction of motion inside a sub-clip, which makes the fea
 from __future__ import annotations
 
 import itertools
-import math
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfsup.pipeline.modalities.clip_order import MAX_ORDER_CLIPS, permutations
 from selfsup.trainers.backbones import make_backbone
 from selfsup.trainers.objectives import OBJECTIVES
 from selfsup.trainers.objectives.base import LossOutput, split_decay
 from selfsup.trainers.objectives.heads import batch_fields, feature_dim
-
-MAX_CLIPS = 5  # as the modality's order_clips: 5! = 120 classes
 
 
 def pair_features(f: torch.Tensor) -> torch.Tensor:
@@ -39,7 +37,7 @@ class OrderHead(nn.Module):
         super().__init__()
         self.pair = nn.Linear(2 * feature_dim, hidden)
         self.dropout = nn.Dropout(dropout)
-        self.classify = nn.Linear(hidden * (clips * (clips - 1) // 2), math.factorial(clips))
+        self.classify = nn.Linear(hidden * (clips * (clips - 1) // 2), len(permutations(clips)))
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         """Clip features [B, n, D] → permutation logits [B, n!]."""
@@ -71,8 +69,8 @@ class TemporalOrderObjective(nn.Module):
         if modality != "video":
             raise ValueError(f"temporal_order orders video sub-clips but data.modality={modality!r}; "
                              "use data.modality: video with modality_args.output: order")
-        if not 2 <= clips <= MAX_CLIPS:
-            raise ValueError(f"temporal_order clips={clips}; use 2..{MAX_CLIPS}, equal to "
+        if not 2 <= clips <= MAX_ORDER_CLIPS:
+            raise ValueError(f"temporal_order clips={clips}; use 2..{MAX_ORDER_CLIPS}, equal to "
                              "data.modality_args.order_clips (VCOP uses 3)")
         if hidden < 1 or not 0 <= dropout < 1:
             raise ValueError(f"temporal_order hidden={hidden}, dropout={dropout}; need hidden >= 1 and "
