@@ -1,8 +1,8 @@
 """Micro-batches (numpy, from BatchFeed) → model inputs on the device.
 
 uint8 media travel as uint8 and become float on the device: images [B, H, W, C] →
-[B, C, H, W], video [B, T, H, W, C] → [B, C, T, H, W], scaled to [0, 1] then normalized per
-channel. Audio arrives as float already (log-mel or waveform). Masks stay bool.
+[B, C, H, W], video [B, T, H, W, C] → [B, C, T, H, W], clip tuples (video `output: order`)
+[B, n, t, H, W, C] → [B, n, C, t, H, W], scaled to [0, 1] then normalized per channel. Audio arrives as float already (log-mel or waveform). Masks stay bool.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-MEDIA_FIELDS = ("view1", "view2", "image", "video", "spec", "wave")
-INDEX_FIELDS = ("length", "label")
+MEDIA_FIELDS = ("view1", "view2", "image", "video", "spec", "wave", "clips")
+INDEX_FIELDS = ("length", "label", "order")
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 GRAY = ((0.5,), (0.25,))
 
@@ -23,12 +23,15 @@ def default_norm(channels: int) -> tuple[Sequence[float], Sequence[float]]:
 
 
 def to_channels_first(x: torch.Tensor) -> torch.Tensor:
-    """[B, H, W, C] → [B, C, H, W]; [B, T, H, W, C] → [B, C, T, H, W]."""
+    """[B, H, W, C] → [B, C, H, W]; [B, T, H, W, C] → [B, C, T, H, W]; [B, n, t, H, W, C] → [B, n, C, t, H, W]."""
     if x.ndim == 4:
         return x.permute(0, 3, 1, 2)
     if x.ndim == 5:
         return x.permute(0, 4, 1, 2, 3)
-    raise ValueError(f"uint8 media must be [B, H, W, C] or [B, T, H, W, C], got shape {tuple(x.shape)}")
+    if x.ndim == 6:
+        return x.permute(0, 1, 5, 2, 3, 4)
+    raise ValueError(f"uint8 media must be [B, H, W, C], [B, T, H, W, C] or [B, n, t, H, W, C], "
+                     f"got shape {tuple(x.shape)}")
 
 
 def channel_norm(channels: int, mean: Optional[Sequence[float]],
@@ -44,9 +47,10 @@ def channel_norm(channels: int, mean: Optional[Sequence[float]],
 def normalize_uint8(x: torch.Tensor, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]) -> torch.Tensor:
     """uint8 channels-last media → float channels-first, scaled and normalized."""
     x = to_channels_first(x).float().div_(255.0)
-    c = x.shape[1]
+    lead = 2 if x.ndim == 6 else 1  # a clip tuple keeps its clip axis before the channels
+    c = x.shape[lead]
     mean, std = channel_norm(c, mean, std)
-    shape = (1, c) + (1,) * (x.ndim - 2)
+    shape = (1,) * lead + (c,) + (1,) * (x.ndim - lead - 1)
     m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(shape)
     s = torch.tensor(std, device=x.device, dtype=x.dtype).view(shape)
     return (x - m) / s

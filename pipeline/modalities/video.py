@@ -8,6 +8,7 @@ shows it; a video shorter than the clip repeats its last frame. Every clip uses 
 one flip and one jitter for all of its frames. Views are uint8 [T, size, size, C]:
 - `two` (contrastive): two independent clip starts, each with crop, flip, jitter and gray;
 - `single` (VideoMAE): one clip with crop and flip only;
+- `order` (VCOP): `clips` [n, t, size, size, C], n sub-clips shuffled by the `order` label (clip_order.py);
 - eval: the centred clip, shorter side resized to `size`, centre crop, no augmentation.
 Scaling and colour conversion run in one swscale pass (area filter) on the frames kept.
 
@@ -31,11 +32,12 @@ import numpy as np
 from selfsup.pipeline.media import EXTENSIONS
 from selfsup.pipeline.modalities import MODALITIES
 from selfsup.pipeline.modalities.base import DecodeError, Sample, float_pair, media_member
+from selfsup.pipeline.modalities.clip_order import blank_tuple, check_order_args, shuffle_tuple, tuple_indices
 from selfsup.pipeline.modalities.image import crop_box, grayscale
 
 cv2.setNumThreads(1)
 
-OUTPUTS = ("two", "single")
+OUTPUTS = ("two", "single", "order")
 
 
 @dataclass(frozen=True)
@@ -225,7 +227,8 @@ class VideoModality:
                  output: str = "two", scale: tuple[float, float] = (0.3, 1.0), flip: bool = True,
                  jitter: tuple[float, float] = (0.4, 0.4), jitter_p: float = 0.8, gray_p: float = 0.2,
                  max_frames: int = 100_000, max_pixels_per_frame: int = 8_000_000, max_seconds: float = 3600.0,
-                 max_bytes: int = 2_000_000_000) -> None:
+                 max_bytes: int = 2_000_000_000, order_clips: int = 3, order_clip_frames: int = 4,
+                 order_gap: int = 0) -> None:
         if output not in OUTPUTS:
             raise ValueError(f"video output {output!r} unknown; valid: {', '.join(OUTPUTS)}")
         if channels not in (1, 3):
@@ -239,6 +242,8 @@ class VideoModality:
         self.max_frames, self.max_pixels, self.max_seconds = int(max_frames), int(max_pixels_per_frame), max_seconds
         self.max_bytes = int(max_bytes)
         self.fmt = "gray" if self.channels == 1 else "rgb24"
+        check_order_args(order_clips, order_clip_frames, order_gap)
+        self.order_clips, self.order_clip_frames, self.order_gap = order_clips, order_clip_frames, order_gap
 
     def decode(self, members: Mapping[str, bytes]) -> VideoInfo:
         """The video's bytes and metadata, limits checked; frames are decoded by `sample`."""
@@ -251,7 +256,10 @@ class VideoModality:
              ) -> np.ndarray:
         """uint8 [T, size, size, C]: a random (rng) clip cropped to `box`, or the centred eval clip."""
         start = clip_start(info.frames, self.frames, self.stride, rng)
-        indices = clip_indices(info.frames, self.frames, self.stride, start)
+        return self.frames_at(info, clip_indices(info.frames, self.frames, self.stride, start), box)
+
+    def frames_at(self, info: VideoInfo, indices: list[int], box: tuple[int, int, int, int] | None) -> np.ndarray:
+        """uint8 [len(indices), size, size, C]: frames at non-decreasing `indices` cropped to `box` (None: centred)."""
         if box is None:
             sw, sh, top, left = center_plan(info.height, info.width, self.size)
         else:
@@ -261,7 +269,10 @@ class VideoModality:
 
     def view(self, info: VideoInfo, rng: np.random.Generator, photometric: bool) -> np.ndarray:
         """One augmented clip uint8 [T, size, size, C]: crop, flip, then jitter and gray if photometric."""
-        out = self.clip(info, rng, crop_box(rng, info.height, info.width, self.scale))
+        return self.augment(self.clip(info, rng, crop_box(rng, info.height, info.width, self.scale)), rng, photometric)
+
+    def augment(self, out: np.ndarray, rng: np.random.Generator, photometric: bool) -> np.ndarray:
+        """Flip, then jitter and gray if photometric, each drawn once for all frames of [T, H, W, C]."""
         if self.flip and rng.random() < 0.5:
             out = out[:, :, ::-1]
         if photometric and rng.random() < self.jitter_p:
@@ -276,11 +287,21 @@ class VideoModality:
             return {"video": self.clip(decoded, None, None)}
         if self.output == "single":
             return {"video": self.view(decoded, rng, photometric=False)}
+        if self.output == "order":
+            return self.order_tuple(decoded, rng)
         return {"view1": self.view(decoded, rng, photometric=True),
                 "view2": self.view(decoded, rng, photometric=True)}
 
+    def order_tuple(self, info: VideoInfo, rng: np.random.Generator) -> Sample:
+        """`clips` [n, t, size, size, C] shuffled by `order` (clip_order.py): one crop, flip and jitter for all."""
+        box = crop_box(rng, info.height, info.width, self.scale)
+        indices = tuple_indices(info.frames, self.order_clips, self.order_clip_frames, self.stride, self.order_gap, rng)
+        return shuffle_tuple(self.augment(self.frames_at(info, indices, box), rng, True), self.order_clips, rng)
+
     def blank(self, train: bool) -> Sample:
         """Zero arrays shaped like `sample`'s."""
+        if train and self.output == "order":
+            return blank_tuple(self.order_clips, self.order_clip_frames, self.size, self.channels)
         z = np.zeros((self.frames, self.size, self.size, self.channels), np.uint8)
         if not train or self.output == "single":
             return {"video": z}

@@ -31,7 +31,7 @@ SHARDS: dict[str, tuple[Path, int, int, list[str]]] = {
 }
 # objective arguments shrunk where a config sets them
 SMALL_ARGS = {"proj_dim": 32, "proj_hidden": 64, "pred_hidden": 64, "decoder_dim": 64, "decoder_depth": 1,
-              "decoder_heads": 4, "codebook_size": 16, "num_negatives": 10, "final_dim": 32}
+              "decoder_heads": 4, "codebook_size": 16, "num_negatives": 10, "final_dim": 32, "hidden": 32}
 TINY_WAV2VEC2 = {"conv_dim": 32, "embed_dim": 32, "num_layers": 1, "num_heads": 2, "ffn_dim": 64,
                  "pos_conv_kernel": 8, "pos_conv_groups": 4}
 
@@ -89,7 +89,7 @@ def test_every_modality_objective_pair_has_a_config() -> None:
     names = {p.stem for p in CONFIGS}
     expected = {f"{o}_image" for o in ("simclr", "byol", "barlow_twins", "mae")}
     expected |= {f"{o}_audio" for o in ("simclr", "byol", "barlow_twins", "mae", "wav2vec2")}
-    expected |= {f"{o}_video" for o in ("simclr", "byol", "mae")}
+    expected |= {f"{o}_video" for o in ("simclr", "byol", "mae", "temporal_order")}
     assert expected <= names, sorted(expected - names)
 
 
