@@ -133,8 +133,8 @@ def run_training(cfg: PretrainConfig, rank: int, world: int, reporter: Reporter,
     recorder = open_recorder(cfg) if rank == 0 else None  # metrics go to storage off the step, from rank 0
     feed: Optional[BatchFeed] = None
     try:
-        feed = BatchFeed(feed_spec(cfg, core, snapshot), rank, world, cfg.data.streams, cfg.data.prefetch, cfg.data.backend,
-                         cfg.data.stream_cpus, cfg.data.stream_resources or None,
+        feed = BatchFeed(feed_spec(cfg, core, snapshot), rank, world, cfg.data.streams, cfg.data.prefetch,
+                         cfg.data.backend, cfg.data.stream_cpus, cfg.data.stream_resources or None,
                          quarantine_url=run_folder.quarantine_url(cfg.run), max_deaths=cfg.data.max_worker_deaths)
         step = restore(reporter.restore_point() or resume_from, core, optimizer, feed, opts, rank)
         if new_plan and resume_from and step == int(ck.read_meta(resume_from, opts)["step"]):  # not a later

@@ -59,7 +59,8 @@ def format_table(rows: list[dict[str, Any]], saw_labels: bool = False) -> str:
 def print_table(run_dir: str, opts: Optional[Mapping[str, Any]] = None) -> None:
     """Print the latest accuracy table of a run."""
     rows = latest_table(run_dir, opts)
-    print(format_table(rows, run_saw_labels(run_dir, opts)) if rows else f"no evaluation results in {storage.redact_url(run_dir)} yet")
+    print(format_table(rows, run_saw_labels(run_dir, opts)) if rows
+          else f"no evaluation results in {storage.redact_url(run_dir)} yet")
 
 
 def write_plots(run_dir: str, opts: Optional[Mapping[str, Any]] = None) -> list[str]:

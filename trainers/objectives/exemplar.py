@@ -94,6 +94,8 @@ class ExemplarObjective(nn.Module):
 
     needs: tuple[str, ...] = ("view1", "view2", "sample_id")
     sized_by_data = True  # the loop passes num_classes = the run snapshot's sample count
+    bank: torch.Tensor  # [N, P] buffers of the memory-bank head
+    z: torch.Tensor
 
     def __init__(self, modality: str, backbone: str, backbone_args: dict[str, Any],
                  num_classes: Optional[int] = None, head: str = "auto", parametric_max: int = PARAMETRIC_MAX,
@@ -155,8 +157,8 @@ class ExemplarObjective(nn.Module):
             return
         top = int(ids.max()) if ids.numel() else -1
         if top >= self.num_classes:
-            raise ValueError(f"exemplar: sample_id {top} ≥ num_classes={self.num_classes}; num_classes must be "
-                             "the run snapshot's sample count (the loop fills it; leave objective.args.num_classes unset)")
+            raise ValueError(f"exemplar: sample_id {top} ≥ num_classes={self.num_classes}; num_classes must be the "
+                             "run snapshot's sample count (the loop fills it: leave objective.args.num_classes unset)")
         self.checked = True
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
