@@ -197,6 +197,7 @@ def local_config(cfg: PretrainConfig) -> PretrainConfig:
 def prepare_run(cfg: PretrainConfig, resume: bool, allow_plan_change: bool = False) -> tuple[Optional[str], bool]:
     """Snapshot the data, write config.yaml and status; returns the checkpoint to resume from and
     whether it resumes under a new plan (from the start of the next epoch)."""
+    from selfsup.pipeline.batch import check_targets
     from selfsup.pipeline.snapshot import snapshot_for_run
     from selfsup.trainers import checkpoint as ck
 
@@ -219,6 +220,7 @@ def prepare_run(cfg: PretrainConfig, resume: bool, allow_plan_change: bool = Fal
               "the next epoch under the new plan", file=sys.stderr)
     snap = snapshot_for_run(cfg.run, cfg.data.sources, cfg.data.modality, opts,
                             rebuild=any(c.startswith("data.sources") for c in changes))
+    check_targets(snap, opts)
     rf.write_config(cfg.run, cfg, opts)
     rf.write_status(cfg.run, rf.RunStatus(rf.RUNNING, step=0, steps=cfg.train.steps, shards=len(snap.shards),
                                           samples=snap.n_samples), opts)

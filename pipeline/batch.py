@@ -27,7 +27,7 @@ from selfsup.pipeline.modalities import make_modality
 from selfsup.pipeline.modalities.base import Modality, Sample
 from selfsup.pipeline.plan import EpochPlan, plan_epoch
 from selfsup.pipeline.seeding import sample_rng, stable_hash
-from selfsup.pipeline.snapshot import Snapshot
+from selfsup.pipeline.snapshot import Snapshot, sample_ids
 from selfsup.pipeline.tarindex import PackedIndex, decode_label, load_index, members_from_range
 
 ON_ERROR = ("quarantine", "raise")
@@ -126,6 +126,23 @@ def label_of(members: Mapping[str, bytes], target: str) -> int:
         return int(meta[target]) if target in meta else -1
     except (ValueError, KeyError, TypeError):
         return -1
+
+
+def check_targets(snapshot: Snapshot, options: Optional[Mapping[str, Any]] = None) -> None:
+    """Raise ValueError when a labeled source's first sample lacks its label target (a misnamed key
+    would otherwise leave every row of the source unlabeled, -1, without a word). One sample read per source."""
+    for source, target in snapshot.targets:
+        ref = next((s for s in snapshot.shards if s.source == source), None)
+        if ref is None or ref.n_samples == 0:
+            continue
+        idx = load_index(ref.index_url, options)
+        start, end = idx.span(0, 1)
+        key, members = members_from_range(idx, 0, 1, storage.read_bytes(ref.url, start, end, options))[0]
+        if label_of(members, target) < 0:
+            keys = sorted(json.loads(members["json"])) if "json" in members else []
+            raise ValueError(f"data.sources {source}: target {target!r} is not in its sample {key} of "
+                             f"{storage.redact_url(ref.url)} (members {sorted(members)}, .json keys {keys}); "
+                             "give 'cls' or a key its samples carry, or drop target for an unlabeled source")
 
 
 class BatchMaker:
@@ -295,6 +312,7 @@ class BatchMaker:
         batch["key"] = np.array([r[2] for r in rows] + [""] * pad)
         batch["shard"] = np.array([snapshot.shards[r[0]].url for r in rows] + [""] * pad)
         batch["position"] = np.array([r[1] for r in rows] + [-1] * pad, dtype=np.int64)
+        batch.update(row_fields(snapshot, rows, pad, bad))
         batch["quarantined"] = np.zeros(size, bool)
         batch["quarantined"][bad] = True
         batch["valid"] = np.arange(size) < n_valid
@@ -322,6 +340,23 @@ def stack_rows(samples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndar
                 break
             rows[j] = v
         out[k] = rows
+    return out
+
+
+def row_fields(snapshot: Snapshot, rows: list, pad: int, bad: list[int]) -> dict[str, np.ndarray]:
+    """`sample_id` [B] int64 (snapshot ordinal, see `sample_ids`) and, when the snapshot has labeled
+    sources, `label` [B] int64 (their target, -1 for rows of unlabeled sources or lacking it); both -1
+    for padding and for quarantined rows, whose slot holds another row's sample.
+
+    rows: (shard index, position, key, members) of each real row.
+    """
+    out = {"sample_id": sample_ids(snapshot, [r[0] for r in rows], [r[1] for r in rows], pad)}
+    if snapshot.targets:
+        targets = [snapshot.target_of(r[0]) for r in rows]
+        out["label"] = np.array([label_of(r[3], t) if t else -1 for r, t in zip(rows, targets)] + [-1] * pad,
+                                np.int64)
+    for name in out:
+        out[name][bad] = -1
     return out
 
 

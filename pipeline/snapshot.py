@@ -2,7 +2,11 @@
 
 Planning and resuming read only the snapshot, so shards appended to a dataset later never change
 a running epoch. Several sources (dataset URL + split) can be mixed with weights; the weights are
-stored in the snapshot too.
+stored in the snapshot too, and so is each labeled source's `target` (S4L: a run may mix an
+unlabeled source with a labeled one; train batches then carry `label` per row, -1 where unlabeled).
+
+Every sample has a stable id in the run: its ordinal in the snapshot's sorted shard list
+(`sample_ids`), the same on any world size and across resumes (Exemplar-CNN's surrogate classes).
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -33,6 +38,15 @@ class SourceSpec:
     split: str = "pretrain"
     weight: Optional[float] = None
     name: str = ""
+    # a labeled source: "cls" or a key of the samples' .json; its rows carry that label in train
+    # batches (-1 where a sample lacks it), rows of other sources -1. With weights, the labeled
+    # fraction of a run is this source's weight over the sum of the weights (without, its share of samples)
+    target: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.target is not None and (not isinstance(self.target, str) or not self.target.strip()):
+            raise ValueError(f"data.sources target={self.target!r} for {storage.redact_url(self.url)}#{self.split}: "
+                             "give 'cls' or a key of the samples' .json, or leave it out for an unlabeled source")
 
     @property
     def label(self) -> str:
@@ -57,10 +71,20 @@ class Snapshot:
     shards: tuple[ShardRef, ...]
     weights: tuple[tuple[str, Optional[float]], ...]
     modality: str
+    targets: tuple[tuple[str, str], ...] = ()  # (source, label target) of each labeled source
 
     @functools.cached_property
     def n_samples(self) -> int:
         return sum(s.n_samples for s in self.shards)
+
+    @functools.cached_property
+    def offsets(self) -> np.ndarray:
+        """[S] int64: the snapshot ordinal of each shard's first sample (samples of earlier shards)."""
+        return np.concatenate([[0], np.cumsum([s.n_samples for s in self.shards])[:-1]]).astype(np.int64)
+
+    def target_of(self, shard: int) -> Optional[str]:
+        """The label target of shard `shard`'s source, None when that source is unlabeled."""
+        return dict(self.targets).get(self.shards[shard].source)
 
     def digest(self) -> str:
         """A short stable id of the snapshot's content."""
@@ -72,6 +96,8 @@ class Snapshot:
         for s in self.shards:
             h.update(f"{s.url}|{s.n_samples}|{s.sha256}|{s.source}\n".encode())
         h.update(json.dumps(self.weights).encode())
+        if self.targets:  # absent from unlabeled snapshots, whose digests stay as they were
+            h.update(json.dumps(self.targets).encode())
         return h.hexdigest()
 
     def __hash__(self) -> int:  # computed once: plan_epoch's cache looks snapshots up on every batch
@@ -79,6 +105,15 @@ class Snapshot:
 
     def weight_of(self, source: str) -> Optional[float]:
         return dict(self.weights).get(source)
+
+
+def sample_ids(snapshot: Snapshot, shards: Sequence[int], positions: Sequence[int], pad: int = 0) -> np.ndarray:
+    """[len(shards) + pad] int64: each sample's ordinal in the snapshot (earlier shards' samples +
+    its position in its shard), -1 for `pad` padding rows. A pure function of the snapshot, so the
+    same on any world size or plan and across resumes; unique within the snapshot."""
+    ids = snapshot.offsets[np.asarray(shards, np.int64)] + np.asarray(positions, np.int64) if len(shards) else \
+        np.zeros(0, np.int64)
+    return np.concatenate([ids, np.full(pad, -1, np.int64)])
 
 
 def build_snapshot(sources: Sequence[SourceSpec], modality: Optional[str] = None,
@@ -109,7 +144,7 @@ def build_snapshot(sources: Sequence[SourceSpec], modality: Optional[str] = None
     if len(modalities) != 1:
         raise ValueError(f"sources mix modalities {sorted(modalities)}; a run uses one")
     return Snapshot(tuple(refs[u] for u in sorted(refs)), tuple((s.label, s.weight) for s in sources),
-                    modalities.pop())
+                    modalities.pop(), tuple((s.label, s.target) for s in sources if s.target))
 
 
 def snapshot_table(snap: Snapshot) -> pa.Table:
@@ -118,6 +153,8 @@ def snapshot_table(snap: Snapshot) -> pa.Table:
         ("url", pa.string()), ("index_url", pa.string()), ("n_samples", pa.int64()),
         ("source", pa.string()), ("sha256", pa.string())]))
     meta = {"weights": json.dumps(snap.weights), "modality": snap.modality}
+    if snap.targets:
+        meta["targets"] = json.dumps(snap.targets)
     return table.replace_schema_metadata({k.encode(): v.encode() for k, v in meta.items()})
 
 
@@ -137,7 +174,8 @@ def load_snapshot(run_dir: str, options: Optional[Mapping[str, Any]] = None) -> 
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     shards = tuple(ShardRef(**row) for row in table.to_pylist())
     weights = tuple((str(n), w) for n, w in json.loads(meta.get("weights", "[]")))
-    return Snapshot(shards, weights, meta.get("modality", ""))
+    targets = tuple((str(n), str(t)) for n, t in json.loads(meta.get("targets", "[]")))
+    return Snapshot(shards, weights, meta.get("modality", ""), targets)
 
 
 def snapshot_for_run(run_dir: str, sources: Sequence[SourceSpec], modality: Optional[str] = None,

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 MEDIA_FIELDS = ("view1", "view2", "image", "video", "spec", "wave", "clips")
-INDEX_FIELDS = ("length", "label", "order")
+INDEX_FIELDS = ("length", "label", "order", "sample_id")
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 GRAY = ((0.5,), (0.25,))
 

@@ -31,7 +31,7 @@ from selfsup.trainers import checkpoint as ck
 from selfsup.trainers import run_folder, scaling
 from selfsup.trainers.config import PretrainConfig, config_digest
 from selfsup.trainers.inputs import applied_norm, eval_sample
-from selfsup.trainers.objectives import Objective, make_objective
+from selfsup.trainers.objectives import OBJECTIVES, Objective, make_objective
 from selfsup.trainers.objectives.base import as_module
 from selfsup.trainers.mlflow_run import MlflowSink
 from selfsup.trainers.optim import build_optimizer, lr_at, set_lr
@@ -70,12 +70,21 @@ def show_logs() -> None:
         logger.setLevel(logging.INFO)
 
 
-def build_objective(cfg: PretrainConfig) -> Objective:
-    """The objective with its backbone, initialized from the run's seed."""
+def build_objective(cfg: PretrainConfig, data_size: Optional[int] = None) -> Objective:
+    """The objective with its backbone, initialized from the run's seed; `data_size` (the run snapshot's
+    sample count) becomes `num_classes` of objectives sized by their data (Exemplar-CNN's surrogate classes)."""
     torch.manual_seed(cfg.train.seed)
     o = cfg.objective
+    args = dict(o.args)
+    if getattr(OBJECTIVES.get(o.name), "sized_by_data", False) and data_size is not None:
+        args.setdefault("num_classes", data_size)
     return make_objective(o.name, modality=cfg.data.modality, backbone=o.backbone,
-                          backbone_args=dict(o.backbone_args), **dict(o.args))
+                          backbone_args=dict(o.backbone_args), **args)
+
+
+def saw_labels(cfg: PretrainConfig, objective: Objective) -> bool:
+    """Whether the pretrained encoder saw labels: a label-using objective (S4L) and a labeled source."""
+    return bool(getattr(objective, "uses_labels", False)) and any(s.target for s in cfg.data.sources)
 
 
 def feed_spec(cfg: PretrainConfig, objective: Objective, snapshot: Optional[Snapshot] = None) -> FeedSpec:
@@ -112,7 +121,8 @@ def run_training(cfg: PretrainConfig, rank: int, world: int, reporter: Reporter,
     lease to watch every log step (a stop asked there: checkpoint and stop; lost: stop at once)."""
     cfg = scaling.resolve(cfg, world)  # the recipe's per-GPU values → this world's lr and steps
     opts, t = cfg.storage_options, cfg.train
-    objective = build_objective(cfg)
+    snapshot = load_snapshot(cfg.run, opts)
+    objective = build_objective(cfg, snapshot.n_samples)
     to_channels_last(as_module(objective), t.channels_last)
     model, device = wrap_model(as_module(objective), world, isinstance(reporter, RayReporter),
                                ddp_options(t.ddp_bucket_view, t.ddp_static_graph))
@@ -124,8 +134,8 @@ def run_training(cfg: PretrainConfig, rank: int, world: int, reporter: Reporter,
     recorder = open_recorder(cfg) if rank == 0 else None  # metrics go to storage off the step, from rank 0
     feed: Optional[BatchFeed] = None
     try:
-        feed = BatchFeed(feed_spec(cfg, core), rank, world, cfg.data.streams, cfg.data.prefetch, cfg.data.backend,
-                         cfg.data.stream_cpus, cfg.data.stream_resources or None,
+        feed = BatchFeed(feed_spec(cfg, core, snapshot), rank, world, cfg.data.streams, cfg.data.prefetch,
+                         cfg.data.backend, cfg.data.stream_cpus, cfg.data.stream_resources or None,
                          quarantine_url=run_folder.quarantine_url(cfg.run), max_deaths=cfg.data.max_worker_deaths)
         step = restore(reporter.restore_point() or resume_from, core, optimizer, feed, opts, rank)
         if new_plan and resume_from and step == int(ck.read_meta(resume_from, opts)["step"]):  # not a later
@@ -432,6 +442,7 @@ def checkpoint_meta(cfg: PretrainConfig, core: Objective, step: int, world: int,
     return {"step": step, **core.encoder_spec(), "objective": cfg.objective.name,
             "objective_args": dict(cfg.objective.args), "modality": cfg.data.modality,
             "modality_args": dict(cfg.data.modality_args), "mean": mean, "std": std,
+            "saw_labels": saw_labels(cfg, core),
             "config_digest": config_digest(cfg), "versions": ck.library_versions(), "world_size": world,
             "data_position": dict(position), "config": to_dict(cfg)}
 

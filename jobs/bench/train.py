@@ -93,13 +93,13 @@ class Bench:
         t = cfg.train
         self.cfg = cfg
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.core = build_objective(cfg)
+        snapshot = build_snapshot(cfg.data.sources, cfg.data.modality, cfg.storage_options)
+        self.core = build_objective(cfg, snapshot.n_samples)
         module = to_channels_last(as_module(self.core), t.channels_last).to(self.device)
         set_cudnn_benchmark(self.device, t.cudnn_benchmark)
         self.model = compile_model(module, t.compile, t.compile_backend)
         self.optimizer = build_optimizer(t.optimizer, self.core.param_groups(t.weight_decay), t.lr, t.weight_decay,
                                          tuple(t.betas), t.momentum, fused=t.fused_adamw)
-        snapshot = build_snapshot(cfg.data.sources, cfg.data.modality, cfg.storage_options)
         self.spec = feed_spec(cfg, self.core, snapshot)
         self.step = 0
         self.compile_s: Optional[float] = None

@@ -23,7 +23,7 @@ def add_parser(sub: Any) -> None:
 
 def run_show(args: argparse.Namespace) -> int:
     """Print the run's status line, checkpoints and table."""
-    from selfsup.jobs.evaluation.report import format_table, latest_table
+    from selfsup.jobs.evaluation.report import format_table, latest_table, run_saw_labels
     from selfsup.trainers import checkpoint as ck
 
     opts = storage_options(args)
@@ -32,13 +32,14 @@ def run_show(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{storage.redact_url(args.run_dir)} is not a run folder "
                                 f"(no {run_folder.STATUS})")
     ckpts = ck.list_checkpoints(args.run_dir, opts)
-    table = latest_table(args.run_dir, opts)
+    table, saw = latest_table(args.run_dir, opts), run_saw_labels(args.run_dir, opts)
     if args.json:
-        print(json.dumps({"status": status.to_dict(), "checkpoints": [u for _, u in ckpts], "results": table}))
+        print(json.dumps({"status": status.to_dict(), "checkpoints": [u for _, u in ckpts], "results": table,
+                          "saw_labels": saw}))
         return 0
     loss = f", loss {status.loss:.4f}" if isinstance(status.loss, (int, float)) else ""
     print(f"run {storage.redact_url(args.run_dir)}: {status.state} at step {status.step}/{status.steps}{loss}")
     marks = [f"{u.rsplit('/', 1)[-1]}{'*' if ck.is_evaluated(u, opts) else ''}" for _, u in ckpts]
     print(f"checkpoints ({len(ckpts)}, * = evaluated): {' '.join(marks) or '(none)'}")
-    print(format_table(table) if table else "no evaluation results yet (selfsup evaluate RUN)")
+    print(format_table(table, saw) if table else "no evaluation results yet (selfsup evaluate RUN)")
     return 0

@@ -30,9 +30,22 @@ def latest_table(run_dir: str, opts: Optional[Mapping[str, Any]] = None) -> list
     return [out[k] for k in sorted(out)]
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """The table as aligned text (accuracy in %)."""
-    head = f"{'eval set':<18} {'target':<8} {'method':<7} {'step':>6} {'pretrained':>11} {'random init':>12} " \
+SAW_LABELS_NOTE = ("* pretrained with labels (the objective had a supervised term on a labeled source, e.g. "
+                   "s4l): not a self-supervised-only result")
+
+
+def run_saw_labels(run_dir: str, opts: Optional[Mapping[str, Any]] = None) -> bool:
+    """Whether the run's newest checkpoint says its encoder saw labels in pretraining (meta `saw_labels`)."""
+    from selfsup.trainers import checkpoint as ck
+
+    latest = ck.latest_checkpoint(run_dir, opts)
+    return bool(ck.read_meta(latest, opts).get("saw_labels", False)) if latest else False
+
+
+def format_table(rows: list[dict[str, Any]], saw_labels: bool = False) -> str:
+    """The table as aligned text (accuracy in %); `saw_labels` marks the pretrained column and adds a note."""
+    pre = "pretrained*" if saw_labels else "pretrained"
+    head = f"{'eval set':<18} {'target':<8} {'method':<7} {'step':>6} {pre:>11} {'random init':>12} " \
            f"{'raw':>7} {'n_test':>7}"
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -40,13 +53,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             return f"{100 * r[name]:.2f}" if name in r else "-"
         lines.append(f"{r['eval_set']:<18} {r['target']:<8} {r['method']:<7} {r.get('step', '-'):>6} "
                      f"{pct('pretrained'):>11} {pct('random_init'):>12} {pct('raw'):>7} {r.get('n_test', 0):>7}")
-    return "\n".join(lines)
+    return "\n".join(lines + ([SAW_LABELS_NOTE] if saw_labels else []))
 
 
 def print_table(run_dir: str, opts: Optional[Mapping[str, Any]] = None) -> None:
     """Print the latest accuracy table of a run."""
     rows = latest_table(run_dir, opts)
-    print(format_table(rows) if rows else f"no evaluation results in {storage.redact_url(run_dir)} yet")
+    print(format_table(rows, run_saw_labels(run_dir, opts)) if rows
+          else f"no evaluation results in {storage.redact_url(run_dir)} yet")
 
 
 def write_plots(run_dir: str, opts: Optional[Mapping[str, Any]] = None) -> list[str]:

@@ -37,21 +37,22 @@ TINY_WAV2VEC2 = {"conv_dim": 32, "embed_dim": 32, "num_layers": 1, "num_heads": 
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], str]:
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
     """modality → a folder of tiny real shards, written on first use and kept for the module."""
     root = tmp_path_factory.mktemp("config-shards")
-    written: dict[str, str] = {}
+    written: set[tuple[str, str]] = set()
 
-    def get(modality: str) -> str:
-        if modality not in written:
-            source, items, per_shard, extra = SHARDS[modality]
-            dest = str(root / DEMO_DATA[modality])
-            code = main(["shards", "write", str(source), dest, "--modality", modality, "--split", "pretrain",
-                         "--limit", str(items), "--samples-per-shard", str(per_shard), "--workers", "1",
-                         "--quiet", *extra])
-            assert code == 0
-            written[modality] = dest
-        return written[modality]
+    def get(modality: str, splits: tuple[str, ...] = ("pretrain",)) -> str:
+        dest = str(root / DEMO_DATA[modality])
+        for split in splits:  # a labeled source (s4l) reads another split of the same folder
+            if (modality, split) not in written:
+                source, items, per_shard, extra = SHARDS[modality]
+                code = main(["shards", "write", str(source), dest, "--modality", modality, "--split", split,
+                             "--limit", str(items), "--samples-per-shard", str(per_shard), "--workers", "1",
+                             "--quiet", *extra])
+                assert code == 0
+                written.add((modality, split))
+        return dest
 
     return get
 
@@ -94,16 +95,19 @@ def test_every_modality_objective_pair_has_a_config() -> None:
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_config_loads_and_trains_two_steps(path: Path, shards: Callable[[str], str], tmp_path: Path) -> None:
+def test_config_loads_and_trains_two_steps(path: Path, shards: Callable[..., str], tmp_path: Path) -> None:
     cfg = validate(load_config(PretrainConfig, str(path)))
     assert path.stem == f"{cfg.objective.name}_{cfg.data.modality}"
     assert cfg.run == f"runs/{path.stem}"
-    assert [(s.url, s.split) for s in cfg.data.sources] == [
-        (f"runs/demo/data/{DEMO_DATA[cfg.data.modality]}", "pretrain")]
+    srcs = cfg.data.sources
+    assert {s.url for s in srcs} == {f"runs/demo/data/{DEMO_DATA[cfg.data.modality]}"} and srcs[0].split == "pretrain"
 
     run = str(tmp_path / "run")
-    data = shards(cfg.data.modality)
-    args = [f"run={run}", f"data.sources=[{{url: {data}, split: pretrain}}]", *small_overrides(cfg)]
+    data = shards(cfg.data.modality, tuple(s.split for s in srcs))
+    sources = ", ".join(f"{{url: {data}, split: {s.split}"  # the config's splits, weights and targets, tiny shards
+                        + "".join(f", {k}: {getattr(s, k)}" for k in ("weight", "target") if getattr(s, k)) + "}"
+                        for s in srcs)
+    args = [f"run={run}", f"data.sources=[{sources}]", *small_overrides(cfg)]
     assert main(["pretrain", str(path), *args, "--no-ray", "--quiet"]) == 0
 
     lines = metrics(run)
@@ -118,6 +122,9 @@ def test_config_loads_and_trains_two_steps(path: Path, shards: Callable[[str], s
     assert (meta["objective"], meta["modality"], meta["backbone"]) == (
         cfg.objective.name, cfg.data.modality, cfg.objective.backbone)
     assert load_encoder(run).selfsup_meta["step"] == 2
+    assert meta["saw_labels"] == (cfg.objective.name == "s4l")  # evaluation tables mark such runs
+    if any(s.target for s in srcs):
+        assert any(m["labeled_frac"] > 0 for m in lines), lines  # the labeled source's rows reached the objective
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
@@ -129,7 +136,7 @@ def test_gpu_scale_overrides_in_the_comment_build(path: Path) -> None:
     cfg = validate(load_config(PretrainConfig, str(path), overrides))
     assert cfg.scaling.use_gpu
     with torch.device("meta"):
-        objective = build_objective(cfg)
+        objective = build_objective(cfg, data_size=60000)  # a Fashion-MNIST-sized snapshot (exemplar's classes)
     modality = make_modality(cfg.data.modality, **cfg.data.modality_args)
     spec = objective.mask_spec()
     if spec is not None:
