@@ -87,16 +87,18 @@ def metrics(run: str) -> list[dict[str, Any]]:
 
 def test_every_modality_objective_pair_has_a_config() -> None:
     names = {p.stem for p in CONFIGS}
-    expected = {f"{o}_image" for o in ("simclr", "byol", "barlow_twins", "mae")}
-    expected |= {f"{o}_audio" for o in ("simclr", "byol", "barlow_twins", "mae", "wav2vec2")}
-    expected |= {f"{o}_video" for o in ("simclr", "byol", "mae")}
+    expected = {f"{o}_image" for o in ("simclr", "byol", "barlow_twins", "mae", "corinfomax", "mixed_barlow_twins")}
+    expected |= {f"{o}_audio" for o in ("simclr", "byol", "barlow_twins", "mae", "wav2vec2", "corinfomax")}
+    expected |= {f"{o}_video" for o in ("simclr", "byol", "mae", "corinfomax")}
     assert expected <= names, sorted(expected - names)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_loads_and_trains_two_steps(path: Path, shards: Callable[[str], str], tmp_path: Path) -> None:
     cfg = validate(load_config(PretrainConfig, str(path)))
-    assert path.stem == f"{cfg.objective.name}_{cfg.data.modality}"
+    # <objective>_<modality>, or <variant>_<objective>_<modality> for an option of an objective
+    # (mixed_barlow_twins_image runs barlow_twins with its mixup on)
+    assert path.stem.endswith(f"{cfg.objective.name}_{cfg.data.modality}")
     assert cfg.run == f"runs/{path.stem}"
     assert [(s.url, s.split) for s in cfg.data.sources] == [
         (f"runs/demo/data/{DEMO_DATA[cfg.data.modality]}", "pretrain")]
