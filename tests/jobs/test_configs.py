@@ -88,16 +88,19 @@ def metrics(run: str) -> list[dict[str, Any]]:
 
 def test_every_modality_objective_pair_has_a_config() -> None:
     names = {p.stem for p in CONFIGS}
-    expected = {f"{o}_image" for o in ("simclr", "byol", "barlow_twins", "mae")}
-    expected |= {f"{o}_audio" for o in ("simclr", "byol", "barlow_twins", "mae", "wav2vec2")}
-    expected |= {f"{o}_video" for o in ("simclr", "byol", "mae", "temporal_order")}
+    expected = {f"{o}_image" for o in ("simclr", "byol", "barlow_twins", "mae", "corinfomax", "mixed_barlow_twins",
+                                       "exemplar", "s4l")}
+    expected |= {f"{o}_audio" for o in ("simclr", "byol", "barlow_twins", "mae", "wav2vec2", "corinfomax", "exemplar")}
+    expected |= {f"{o}_video" for o in ("simclr", "byol", "mae", "corinfomax", "temporal_order")}
     assert expected <= names, sorted(expected - names)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_loads_and_trains_two_steps(path: Path, shards: Callable[..., str], tmp_path: Path) -> None:
     cfg = validate(load_config(PretrainConfig, str(path)))
-    assert path.stem == f"{cfg.objective.name}_{cfg.data.modality}"
+    # <objective>_<modality>, or <variant>_<objective>_<modality> for an option of an objective
+    # (mixed_barlow_twins_image runs barlow_twins with its mixup on)
+    assert path.stem.endswith(f"{cfg.objective.name}_{cfg.data.modality}")
     assert cfg.run == f"runs/{path.stem}"
     srcs = cfg.data.sources
     assert {s.url for s in srcs} == {f"runs/demo/data/{DEMO_DATA[cfg.data.modality]}"} and srcs[0].split == "pretrain"

@@ -14,6 +14,7 @@ from selfsup.trainers.backbones import make_backbone
 from selfsup.trainers.objectives import OBJECTIVES, make_objective
 from selfsup.trainers.objectives.barlow_twins import barlow_twins_loss, cross_correlation
 from selfsup.trainers.objectives.byol import cosine_tau
+from selfsup.trainers.objectives.corinfomax import invariance_loss, logdet_loss, running_moments
 from selfsup.trainers.objectives.simclr import nt_xent, nt_xent_distributed
 from tests.conftest import random_mask
 
@@ -126,21 +127,37 @@ def test_nt_xent_equals_the_papers_formula() -> None:
     assert nt_xent(z1.float(), z1.float(), 0.1) < nt_xent(z1.float(), z2.float(), 0.1)  # aligned views score lower
 
 
+def corinfomax_moments(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CorInfoMax's running mean and covariance after one batch, from 0 and I."""
+    d = z.shape[1]
+    mu, r = running_moments(z, torch.zeros(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64), 0.1, 0.2)
+    return mu.detach(), r.detach()
+
+
+def pair_loss(name: str, a1: torch.Tensor, a2: torch.Tensor) -> torch.Tensor:
+    """The loss `name` of two embedding batches (the local rows under torch.distributed)."""
+    if name == "simclr":
+        return nt_xent_distributed(a1, a2, 0.2) if dist.is_initialized() else nt_xent(a1, a2, 0.2)
+    if name == "barlow":
+        return barlow_twins_loss(cross_correlation(a1, a2), 0.05)
+    d = a1.shape[1]
+    _, r1 = running_moments(a1, torch.zeros(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64), 0.1, 0.2)
+    return (logdet_loss(r1, 1e-8) + 10 * invariance_loss(a1, a2)).float()
+
+
 def distributed_worker(rank: int, world: int, init_file: str, z1: torch.Tensor, z2: torch.Tensor, out: str) -> None:
     """One gloo rank: the losses and input gradients of its shard of the batch."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     b = z1.shape[0] // world
     results = {}
-    for name in ("simclr", "barlow"):
+    for name in ("simclr", "barlow", "corinfomax"):
         a1 = z1[rank * b:(rank + 1) * b].clone().requires_grad_()
         a2 = z2[rank * b:(rank + 1) * b].clone().requires_grad_()
-        if name == "simclr":
-            loss = nt_xent_distributed(a1, a2, 0.2)
-        else:
-            loss = barlow_twins_loss(cross_correlation(a1, a2), 0.05)
+        loss = pair_loss(name, a1, a2)
         loss.backward()
         results[name] = (loss.detach(), a1.grad, a2.grad)
+    results["corinfomax_moments"] = corinfomax_moments(z1[rank * b:(rank + 1) * b])
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -151,19 +168,23 @@ def test_two_rank_losses_and_gradients_equal_the_full_batch(tmp_path: Path) -> N
     mp.spawn(distributed_worker, args=(2, str(tmp_path / "init"), z1, z2, str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     full = {}
-    for name in ("simclr", "barlow"):
+    for name in ("simclr", "barlow", "corinfomax"):
         a1, a2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
-        loss = nt_xent(a1, a2, 0.2) if name == "simclr" else barlow_twins_loss(cross_correlation(a1, a2), 0.05)
+        loss = pair_loss(name, a1, a2)
         loss.backward()
         full[name] = (loss.detach(), a1.grad, a2.grad)
-    # SimCLR: each rank averages its own anchors; Barlow Twins: every rank holds the global loss.
+    # SimCLR: each rank averages its own anchors; Barlow Twins, CorInfoMax: every rank holds the global
+    # loss, and CorInfoMax's running estimates are the full batch's on every rank.
     rank_loss = (ranks[0]["simclr"][0] + ranks[1]["simclr"][0]) / 2
     torch.testing.assert_close(rank_loss, full["simclr"][0])
     for r in range(2):
-        torch.testing.assert_close(ranks[r]["barlow"][0], full["barlow"][0])
+        for name in ("barlow", "corinfomax"):
+            torch.testing.assert_close(ranks[r][name][0], full[name][0])
+        for got, want in zip(ranks[r]["corinfomax_moments"], corinfomax_moments(z1)):
+            torch.testing.assert_close(got, want)
     # Differentiable collectives give each rank d(Σ_ranks loss)/d(local rows) = world × the full gradient;
     # DDP's gradient averaging divides that by the world size again.
-    for name in ("simclr", "barlow"):
+    for name in ("simclr", "barlow", "corinfomax"):
         for v in (1, 2):
             got = torch.cat([ranks[0][name][v], ranks[1][name][v]]) / 2
             torch.testing.assert_close(got, full[name][v], rtol=1e-4, atol=1e-6)
@@ -279,7 +300,7 @@ def test_contrastive_objectives_take_video_and_audio_views() -> None:
 
 
 def test_unknown_names_and_bad_inputs_raise() -> None:
-    with pytest.raises(ValueError, match=r"unknown objective 'simsiam'.*barlow_twins, byol, mae, simclr"):
+    with pytest.raises(ValueError, match=r"unknown objective 'simsiam'.*barlow_twins, byol, corinfomax, mae, simclr"):
         make_objective("simsiam", modality="image", backbone="convnet_small", backbone_args={})
     for name in ("simclr", "byol", "barlow_twins", "mae"):
         assert name in OBJECTIVES

@@ -1,4 +1,5 @@
-"""Pieces the objectives share: projection/prediction MLPs, batch fields, feature width, world size."""
+"""Pieces the objectives share: projection/prediction MLPs, batch fields, feature width, world size, sums
+over ranks."""
 from __future__ import annotations
 
 from typing import Mapping, Sequence
@@ -52,3 +53,12 @@ def world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
+
+
+def global_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of `x` over all ranks (differentiable), `x` itself on one process."""
+    if world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(x)
