@@ -76,9 +76,11 @@ def reference_rows(maker: BatchMaker, batch: dict[str, Any]) -> dict[str, np.nda
             made.append(None)
     samples = []
     for j, s in enumerate(made):
-        if s is None:  # quarantined: the stable-hash choice from the same micro-batch (a good one here)
-            s = made[stable_hash(spec.seed, int(batch["epoch"]), str(batch["key"][j]), 0) % len(made)]
-            assert s is not None
+        attempt = 0
+        while s is None:  # quarantined: the first good stable-hash choice from the same micro-batch
+            s = made[stable_hash(spec.seed, int(batch["epoch"]), str(batch["key"][j]), attempt) % len(made)]
+            attempt += 1
+            assert attempt <= 16
         samples.append(s)
     blank = maker.modality.blank(spec.train) | ({"mask": np.zeros(int(np.prod(maker.grid)), bool)}
                                                 if maker.grid else {})
