@@ -7,6 +7,7 @@ config) and must be a pure function of (members, rng, mode): the batch maker see
 
 Per-sample fields (the batch maker stacks them along a new leading batch axis):
 - image  train/two-view: view1, view2 uint8 [H, W, C];  single/eval: image uint8 [H, W, C]
+         multi-crop (local_crops=K > 0, two-view only): also local uint8 [K, S, S, C] (S = local_size)
 - video  train/two-view: view1, view2 uint8 [T, H, W, C];  single/eval: video uint8 [T, H, W, C]
 - audio  logmel two-view: view1, view2 float32 [F, T];  spec/eval-spec: spec float32 [F, T]
          wave: wave float32 [S] plus length int64 [] (valid samples before padding)

@@ -16,6 +16,6 @@ def make_objective(name: str, **args: Any) -> Objective:
     return objective
 
 
-from selfsup.trainers.objectives import simclr, byol, barlow_twins, mae, wav2vec2  # noqa: E402,F401
+from selfsup.trainers.objectives import simclr, byol, barlow_twins, mae, wav2vec2, swav  # noqa: E402,F401
 
 __all__ = ["OBJECTIVES", "LossOutput", "Objective", "make_objective"]
