@@ -57,7 +57,7 @@ def distributed_sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) 
         q /= q.sum(dim=0, keepdim=True)  # columns: each sample's total weight
         q /= n_all  # ... becomes 1/N_all
     q *= n_all  # columns sum to 1: assignments
-    return q.T.to(scores.dtype)  # [N, K]
+    return q.T.to(torch.promote_types(scores.dtype, torch.float32))  # [N, K]; float32 for bf16 scores
 
 
 def swapped_prediction_loss(scores: list[torch.Tensor], codes: list[torch.Tensor], temperature: float) -> torch.Tensor:
@@ -110,6 +110,11 @@ def rank_slice(rows: torch.Tensor) -> torch.Tensor:
     return torch.tensor_split(rows, world_size())[dist.get_rank()]
 
 
+def forget_host_state(module: nn.Module, incompatible_keys: Any) -> None:
+    """After load_state_dict: the host copies of the step count and queue fill are read again from the buffers."""
+    setattr(module, "_host", None)
+
+
 @OBJECTIVES.register("swav")
 class SwAVObjective(nn.Module):
     """Backbone + projector + normalized prototypes; swapped prediction of Sinkhorn codes across crops."""
@@ -148,7 +153,7 @@ class SwAVObjective(nn.Module):
         self.register_buffer("queue", torch.zeros(2, int(queue_length), proj_dim))  # [2, L, P]
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self._host: Optional[tuple[int, int]] = None  # (steps done, queue rows filled), read from the buffers once
-        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_host", None))
+        self.register_load_state_dict_post_hook(forget_host_state)
 
     @torch.no_grad()
     def normalize_prototypes(self) -> None:
