@@ -2,7 +2,9 @@
 
 uint8 media travel as uint8 and become float on the device: images [B, H, W, C] →
 [B, C, H, W], video [B, T, H, W, C] → [B, C, T, H, W], clip tuples (video `output: order`)
-[B, n, t, H, W, C] → [B, n, C, t, H, W], scaled to [0, 1] then normalized per channel. Audio arrives as float already (log-mel or waveform). Masks stay bool.
+[B, n, t, H, W, C] → [B, n, C, t, H, W], multi-crop `local` images [B, K, S, S, C] → [B, K, C, S, S]
+(told from video by name), scaled to [0, 1] then normalized per channel. Audio arrives as float
+already (log-mel or waveform). Masks stay bool.
 """
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-MEDIA_FIELDS = ("view1", "view2", "image", "video", "spec", "wave", "clips")
+MEDIA_FIELDS = ("view1", "view2", "image", "video", "spec", "wave", "clips", "local")
+CROP_FIELDS = ("local",)  # [B, K, ...] stacks of K images per sample, not video
 INDEX_FIELDS = ("length", "label", "order", "sample_id")
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 GRAY = ((0.5,), (0.25,))
@@ -56,6 +59,15 @@ def normalize_uint8(x: torch.Tensor, mean: Optional[Sequence[float]], std: Optio
     return (x - m) / s
 
 
+def normalize_crops(x: torch.Tensor, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]) -> torch.Tensor:
+    """uint8 crops [B, K, S, S, C] → float [B, K, C, S, S], normalized as images are."""
+    if x.ndim != 5:
+        raise ValueError(f"uint8 crops must be [B, K, S, S, C], got shape {tuple(x.shape)}")
+    b, k = x.shape[:2]
+    flat = normalize_uint8(x.reshape(b * k, *x.shape[2:]), mean, std)  # [B*K, C, S, S]
+    return flat.reshape(b, k, *flat.shape[1:])
+
+
 def eval_sample(modality: str, modality_args: Mapping[str, Any]) -> Mapping[str, Any]:
     """A blank eval-mode sample of the modality: the fields, shapes and dtypes evaluation feeds the encoder."""
     from selfsup.pipeline.modalities import make_modality
@@ -86,6 +98,8 @@ def tensor_fields(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
 def model_input(name: str, t: torch.Tensor, mean: Optional[Sequence[float]] = None,
                 std: Optional[Sequence[float]] = None) -> torch.Tensor:
     """A field already on its device as the objective takes it: uint8 media normalized to float."""
+    if name in CROP_FIELDS and t.dtype == torch.uint8:
+        return normalize_crops(t, mean, std)
     if name in MEDIA_FIELDS:
         return normalize_uint8(t, mean, std) if t.dtype == torch.uint8 else t.float()
     return t

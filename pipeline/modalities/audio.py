@@ -17,6 +17,8 @@ spans (SpecAugment, Park et al. 2019), and with `tilt` colours the spectrum (a r
 across the mel axis: another microphone, room or voice quality). Everything the views share is
 then the word, not the speaker or the recording — which is what a held-out-speaker probe asks for
 (docs/quality.md).
+  Multi-crop (SwAV): `local_crops=K` adds local float32 [K, F, T_local], K shorter crops of
+  `local_seconds` each, made like the views and drawn after them (view1/view2 keep their bytes).
 - `spec` (Audio-MAE): one crop with gain and noise, log-mel, normalized → spec float32 [F, T].
 - `wave` (wav2vec 2.0): one crop with gain and noise → wave float32 [S], length int64 [].
 Eval takes the centre crop without augmentation: wave + length for `wave`, else spec.
@@ -317,7 +319,8 @@ class AudioModality:
                  norm_stats: tuple[float, float] | None = FSDD_LOGMEL_STATS, max_seconds: float = 60.0,
                  max_bytes: int = 64_000_000, views: str = "rrc", warp_freq: float = 0.25,
                  stretch_time: float = 0.3, shift_frames: int = 20, freq_masks: int = 2, time_masks: int = 2,
-                 mask_bins: int = 8, mask_frames: int = 10, tilt: float = 0.0) -> None:
+                 mask_bins: int = 8, mask_frames: int = 10, tilt: float = 0.0, local_crops: int = 0,
+                 local_seconds: float = 0.5) -> None:
         if output not in OUTPUTS:
             raise ValueError(f"audio output {output!r} unknown; valid: {', '.join(OUTPUTS)}")
         if views not in VIEWS:
@@ -350,11 +353,27 @@ class AudioModality:
             raise ValueError(f"audio mask_bins={mask_bins} must be <= n_mels={n_mels} and shift_frames="
                              f"{shift_frames} below the crop's {self.frames} frames")
         self.max_seconds, self.max_bytes = float(max_seconds), int(max_bytes)
+        self.local_crops, self.local_samples = int(local_crops), int(round(local_seconds * sample_rate))
+        self.local_frames = self.local_samples // self.hop
+        self.check_local_crops(local_seconds)
         import torchaudio
 
         self.mel = torchaudio.transforms.MelSpectrogram(
             self.sample_rate, n_fft=n_fft, win_length=win_length, hop_length=self.hop, f_min=f_min,
             f_max=f_max, n_mels=self.n_mels)
+
+    def check_local_crops(self, local_seconds: float) -> None:
+        """ValueError naming the multi-crop argument that cannot work with the other settings."""
+        if self.local_crops < 0:
+            raise ValueError(f"audio local_crops={self.local_crops}; give 0 (no local crops) or a positive count")
+        if not self.local_crops:
+            return
+        if self.output != "logmel":
+            raise ValueError(f"audio local_crops needs output='logmel' (two views), not output={self.output!r}")
+        if self.local_frames < 1 or (self.views == "speech" and self.local_frames <= max(
+                self.speech["shift_frames"], self.speech["mask_frames"])):
+            raise ValueError(f"audio local_seconds={local_seconds} gives {self.local_frames} frames; it must give "
+                             "at least one (with views='speech': more than shift_frames and mask_frames)")
 
     def decode(self, members: Mapping[str, bytes]) -> np.ndarray:
         """Mono float32 [n] at sample_rate."""
@@ -364,17 +383,17 @@ class AudioModality:
         return decode_audio(ext, data, self.sample_rate, self.max_seconds)
 
     def log_mel(self, waves: np.ndarray) -> np.ndarray:
-        """float32 [V, S] → normalized log-mel float32 [V, F, T]."""
+        """float32 [V, S] → normalized log-mel float32 [V, F, T] (T = S // hop_length)."""
         import torch
 
         with one_torch_thread():
-            power = self.mel(torch.from_numpy(waves)).numpy()[:, :, : self.frames]  # [V, F, T]
+            power = self.mel(torch.from_numpy(waves)).numpy()[:, :, : waves.shape[1] // self.hop]  # [V, F, T]
         lms = np.log(power + LOG_EPS)
         return np.stack([normalize(x, self.norm_stats) for x in lms]).astype(np.float32, copy=False)
 
-    def crop(self, wave: np.ndarray, rng: np.random.Generator | None) -> tuple[np.ndarray, int]:
-        """A [S] crop and its valid length: random and augmented with rng, centred and clean without."""
-        out, length = crop_wave(wave, self.samples, rng)
+    def crop(self, wave: np.ndarray, rng: np.random.Generator | None, size: int = 0) -> tuple[np.ndarray, int]:
+        """A [S] crop (or [size]) and its valid length: random and augmented with rng, centred and clean without."""
+        out, length = crop_wave(wave, size or self.samples, rng)
         if rng is not None:
             out = augment_wave(out, length, rng, self.gain_db, self.noise_std)
         return out, length
@@ -387,16 +406,24 @@ class AudioModality:
         if not train or self.output == "spec":
             return {"spec": self.log_mel(wave[None])[0]}
         other, _ = self.crop(decoded, rng)
-        views: np.ndarray | list[np.ndarray] = self.log_mel(np.stack([wave, other]))  # [2, F, T]
+        views = self.view_chain(self.log_mel(np.stack([wave, other])), rng)  # [2, F, T]
+        out = {"view1": np.ascontiguousarray(views[0]), "view2": np.ascontiguousarray(views[1])}
+        if self.local_crops:  # after the global views: those keep their bytes
+            waves = np.stack([self.crop(decoded, rng, self.local_samples)[0] for _ in range(self.local_crops)])
+            out["local"] = np.stack(self.view_chain(self.log_mel(waves), rng))  # [K, F, T_local]
+        return out
+
+    def view_chain(self, views: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+        """Each normalized log-mel [F, T] of views [V, F, T] through the speech chain or the random resize crop."""
         if self.views == "speech":
             # the level of digital silence (zero padding) after normalization; per view without fixed stats
             silence = np.array(np.log(LOG_EPS), np.float32)
             level = float(normalize(silence, self.norm_stats)) if self.norm_stats else None
-            views = [speech_view(v, rng, silence=float(v.min()) if level is None else level, **self.speech)
-                     for v in views]
-        elif self.rrc_scale is not None:
-            views = [random_resize_crop(v, rng, self.rrc_virtual, self.rrc_scale, self.rrc_scale) for v in views]
-        return {"view1": np.ascontiguousarray(views[0]), "view2": np.ascontiguousarray(views[1])}
+            return [speech_view(v, rng, silence=float(v.min()) if level is None else level, **self.speech)
+                    for v in views]
+        if self.rrc_scale is not None:
+            return [random_resize_crop(v, rng, self.rrc_virtual, self.rrc_scale, self.rrc_scale) for v in views]
+        return list(views)
 
     def blank(self, train: bool) -> Sample:
         """Zero arrays shaped like `sample`'s."""
@@ -404,7 +431,10 @@ class AudioModality:
             return {"wave": np.zeros(self.samples, np.float32), "length": np.array(0, np.int64)}
         z = np.zeros((self.n_mels, self.frames), np.float32)
         if train and self.output == "logmel":
-            return {"view1": z, "view2": z.copy()}
+            out = {"view1": z, "view2": z.copy()}
+            if self.local_crops:
+                out["local"] = np.zeros((self.local_crops, self.n_mels, self.local_frames), np.float32)
+            return out
         return {"spec": z}
 
     def token_grid(self, geometry: Mapping[str, Any]) -> tuple[int, ...]:

@@ -7,9 +7,11 @@ config) and must be a pure function of (members, rng, mode): the batch maker see
 
 Per-sample fields (the batch maker stacks them along a new leading batch axis):
 - image  train/two-view: view1, view2 uint8 [H, W, C];  single/eval: image uint8 [H, W, C]
+         multi-crop (local_crops=K > 0, two-view only): also local uint8 [K, S, S, C] (S = local_size)
 - video  train/two-view: view1, view2 uint8 [T, H, W, C];  single/eval: video uint8 [T, H, W, C]
          order: clips uint8 [n, t, H, W, C] (shuffled sub-clips) plus order int64 [] (permutation index)
 - audio  logmel two-view: view1, view2 float32 [F, T];  spec/eval-spec: spec float32 [F, T]
+         multi-crop (local_crops=K > 0, logmel only): also local float32 [K, F, T_local] (shorter crops)
          wave: wave float32 [S] plus length int64 [] (valid samples before padding)
 """
 from __future__ import annotations

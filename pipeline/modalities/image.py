@@ -3,6 +3,11 @@
 Per CPU-second, OpenCV-based decode + two views at 224 px made 301 samples against 47 for
 torchvision.transforms.v2 on uint8 tensors (`selfsup bench pipeline --modality image`), so every op here
 works on uint8 HxWxC numpy arrays. Views are uint8 [size, size, channels].
+
+Multi-crop (SwAV, Caron et al. 2020): `local_crops=K` adds a field `local` uint8
+[K, local_size, local_size, channels] beside the two global views: K smaller crops (box area in
+`local_scale` of the image) with view 1's photometric recipe, drawn from the sample's rng after the
+global views, so view1/view2 are the same bytes with or without them. K=0 (the default) adds nothing.
 """
 from __future__ import annotations
 
@@ -161,6 +166,18 @@ def solarize(img: np.ndarray, threshold: int = 128) -> np.ndarray:
     return _lut(img, np.where(ramp >= threshold, 255 - ramp, ramp))
 
 
+def check_local_crops(k: int, size: int, scale: tuple[float, float], recipe: str) -> None:
+    """ValueError naming the multi-crop argument that cannot work (count, size, scale, or a one-view recipe)."""
+    if k < 0:
+        raise ValueError(f"image local_crops={k}; give 0 (no local crops) or a positive count")
+    if size < 1:
+        raise ValueError(f"image local_size={size}; give the local crops' side in pixels (SwAV: 96 at 224)")
+    if not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"image local_scale={scale}; give (low, high) with 0 < low <= high <= 1 (SwAV: 0.05, 0.14)")
+    if k and recipe == "single":
+        raise ValueError("image local_crops needs a two-view recipe (simclr or byol), not recipe='single'")
+
+
 @MODALITIES.register("image")
 class ImageModality:
     """JPEG/PNG/WebP images → SimCLR/BYOL two views, one augmented view (MAE), or an eval view."""
@@ -172,9 +189,13 @@ class ImageModality:
                  scale: tuple[float, float] = (0.08, 1.0), flip: bool = True,
                  jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
                  jitter_p: float = 0.8, gray_p: float = 0.2, blur: bool = True,
-                 eval_crop: float = 0.875, max_pixels: int = 64_000_000) -> None:
+                 eval_crop: float = 0.875, max_pixels: int = 64_000_000, local_crops: int = 0,
+                 local_size: int = 96, local_scale: tuple[float, float] = (0.05, 0.14)) -> None:
         if recipe not in RECIPES:
             raise ValueError(f"image recipe {recipe!r} unknown; valid: {', '.join(RECIPES)}")
+        self.local_crops, self.local_size = int(local_crops), int(local_size)
+        self.local_scale = float_pair(local_scale, "image local_scale")
+        check_local_crops(self.local_crops, self.local_size, self.local_scale, recipe)
         if channels not in (1, 3):
             raise ValueError(f"image channels must be 1 or 3, got {channels}")
         self.size, self.channels, self.recipe = int(size), int(channels), recipe
@@ -190,10 +211,12 @@ class ImageModality:
         ext, data = media_member(members, self.extensions, self.name)
         return decode_image(ext, data, self.channels, self.max_pixels, min_side=self.size)
 
-    def view(self, img: np.ndarray, rng: np.random.Generator, blur_p: float, solarize_p: float) -> np.ndarray:
-        """One augmented view uint8 [size, size, C]."""
-        top, left, ch, cw = crop_box(rng, img.shape[0], img.shape[1], self.scale)
-        out = resize(img[top: top + ch, left: left + cw], self.size)
+    def view(self, img: np.ndarray, rng: np.random.Generator, blur_p: float, solarize_p: float,
+             local: bool = False) -> np.ndarray:
+        """One augmented view uint8 [size, size, C] (a local crop [local_size, local_size, C] when `local`)."""
+        scale, size = (self.local_scale, self.local_size) if local else (self.scale, self.size)
+        top, left, ch, cw = crop_box(rng, img.shape[0], img.shape[1], scale)
+        out = resize(img[top: top + ch, left: left + cw], size)
         if self.flip and rng.random() < 0.5:
             out = out[:, ::-1]
         if self.recipe == "single":
@@ -209,20 +232,28 @@ class ImageModality:
         return np.ascontiguousarray(out)
 
     def sample(self, decoded: Any, rng: np.random.Generator, train: bool) -> Sample:
-        """Two views (simclr/byol), one view (single), or the deterministic eval view."""
+        """Two views (simclr/byol) and the local crops if asked, one view (single), or the eval view."""
         if not train:
             return {"image": np.ascontiguousarray(center_view(decoded, self.size, self.eval_crop))}
         views = [self.view(decoded, rng, b, s) for b, s in self.view_probs]
         if len(views) == 1:
             return {"image": views[0]}
-        return {"view1": views[0], "view2": views[1]}
+        out = {"view1": views[0], "view2": views[1]}
+        if self.local_crops:  # after the global views: those keep their bytes
+            blur_p, solarize_p = self.view_probs[0]
+            out["local"] = np.stack([self.view(decoded, rng, blur_p, solarize_p, local=True)
+                                     for _ in range(self.local_crops)])  # [K, S, S, C]
+        return out
 
     def blank(self, train: bool) -> Sample:
         """Zero arrays shaped like `sample`'s."""
         z = np.zeros((self.size, self.size, self.channels), np.uint8)
         if not train or self.recipe == "single":
             return {"image": z}
-        return {"view1": z, "view2": z.copy()}
+        out = {"view1": z, "view2": z.copy()}
+        if self.local_crops:
+            out["local"] = np.zeros((self.local_crops, self.local_size, self.local_size, self.channels), np.uint8)
+        return out
 
     def token_grid(self, geometry: Mapping[str, Any]) -> tuple[int, ...]:
         """(H/p, W/p) patches."""

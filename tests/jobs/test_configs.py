@@ -31,7 +31,8 @@ SHARDS: dict[str, tuple[Path, int, int, list[str]]] = {
 }
 # objective arguments shrunk where a config sets them
 SMALL_ARGS = {"proj_dim": 32, "proj_hidden": 64, "pred_hidden": 64, "decoder_dim": 64, "decoder_depth": 1,
-              "decoder_heads": 4, "codebook_size": 16, "num_negatives": 10, "final_dim": 32, "hidden": 32}
+              "decoder_heads": 4, "codebook_size": 16, "num_negatives": 10, "final_dim": 32, "hidden": 32,
+              "num_prototypes": 16, "queue_length": 8, "queue_start_step": 0, "freeze_prototypes_steps": 1}
 TINY_WAV2VEC2 = {"conv_dim": 32, "embed_dim": 32, "num_layers": 1, "num_heads": 2, "ffn_dim": 64,
                  "pos_conv_kernel": 8, "pos_conv_groups": 4}
 

@@ -263,3 +263,56 @@ def test_a_header_promising_too_much_pcm_is_refused_before_allocating_it() -> No
     finally:
         tracemalloc.stop()
     assert peak < 16 * 2**20
+
+
+# ---------------------------------------------------------------- multi-crop (SwAV)
+
+# sha256[:16] of the train arrays for seeds 0..2 of `tone()`, made by the code before multi-crop existed
+AUDIO_BEFORE_MULTICROP = [({"views": "rrc"}, "96a7e8cd307886fd"),
+                          ({"views": "speech", "tilt": 0.5, "mask_bins": 4, "shift_frames": 5}, "0ea49e057e4e7f9b"),
+                          ({"output": "spec"}, "f167b51fca7af53a"), ({"output": "wave"}, "7118cb834d6d5e49")]
+
+
+def tone() -> np.ndarray:
+    """0.8 s of a 440 Hz tone in noise at 16 kHz, float32 [12800]."""
+    t = np.arange(12800) / 16000
+    return (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng(3).standard_normal(12800)).astype(np.float32)
+
+
+@pytest.mark.parametrize("args, digest", AUDIO_BEFORE_MULTICROP, ids=lambda v: str(v))
+def test_default_arguments_make_the_same_arrays_as_before_multicrop(args: dict, digest: str) -> None:
+    import hashlib
+
+    m, h = make_modality("audio", seconds=0.5, n_mels=32, **args), hashlib.sha256()
+    for seed in range(3):
+        sample = m.sample(tone(), rng(seed), True)
+        assert "local" not in sample
+        for k in sorted(sample):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(sample[k]).tobytes())
+    assert h.hexdigest()[:16] == digest
+
+
+@pytest.mark.parametrize("views", ["rrc", "speech"])
+def test_local_crops_are_shorter_seeded_and_leave_the_views_alone(views: str) -> None:
+    args = {"seconds": 0.5, "n_mels": 32, "views": views, "mask_bins": 4, "shift_frames": 5, "mask_frames": 5}
+    m = make_modality("audio", **args, local_crops=3, local_seconds=0.2)
+    a, again, other = (m.sample(tone(), rng(s), True) for s in (4, 4, 5))
+    plain = make_modality("audio", **args).sample(tone(), rng(4), True)
+    assert a["local"].shape == (3, 32, 20) and a["local"].dtype == np.float32 and np.isfinite(a["local"]).all()
+    assert all(a[k].tobytes() == plain[k].tobytes() for k in ("view1", "view2"))
+    assert all(a[k].tobytes() == again[k].tobytes() for k in a)
+    assert a["local"].tobytes() != other["local"].tobytes()
+    assert {k: (v.shape, v.dtype) for k, v in m.blank(True).items()} == {k: (v.shape, v.dtype) for k, v in a.items()}
+    assert sorted(m.blank(False)) == ["spec"]
+
+
+@pytest.mark.parametrize("args, named", [
+    ({"local_crops": -1}, "local_crops=-1"),
+    ({"local_crops": 2, "output": "spec"}, "local_crops needs output='logmel'"),
+    ({"local_crops": 2, "local_seconds": 0.005}, "local_seconds=0.005"),
+    ({"local_crops": 2, "local_seconds": 0.1, "views": "speech"}, "local_seconds=0.1"),
+])
+def test_invalid_audio_multicrop_arguments_raise_naming_them(args: dict, named: str) -> None:
+    with pytest.raises(ValueError, match=named):
+        make_modality("audio", **args)

@@ -16,6 +16,7 @@ from selfsup.trainers.objectives.barlow_twins import barlow_twins_loss, cross_co
 from selfsup.trainers.objectives.byol import cosine_tau
 from selfsup.trainers.objectives.corinfomax import invariance_loss, logdet_loss, running_moments
 from selfsup.trainers.objectives.simclr import nt_xent, nt_xent_distributed
+from selfsup.trainers.objectives.swav import distributed_sinkhorn, gather_rows, rank_slice
 from tests.conftest import random_mask
 
 CNN = {"backbone": "convnet_small", "backbone_args": {"in_channels": 1, "width": 8}}
@@ -157,7 +158,10 @@ def distributed_worker(rank: int, world: int, init_file: str, z1: torch.Tensor, 
         loss = pair_loss(name, a1, a2)
         loss.backward()
         results[name] = (loss.detach(), a1.grad, a2.grad)
-    results["corinfomax_moments"] = corinfomax_moments(z1[rank * b:(rank + 1) * b])
+    mine = z1[rank * b:(rank + 1) * b]
+    results["corinfomax_moments"] = corinfomax_moments(mine)
+    # SwAV: codes of this rank's rows; the queue's gather and share
+    results["swav"] = (distributed_sinkhorn(mine @ z2.T, 0.05, 3), gather_rows(mine), rank_slice(z2))
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -175,6 +179,13 @@ def test_two_rank_losses_and_gradients_equal_the_full_batch(tmp_path: Path) -> N
         full[name] = (loss.detach(), a1.grad, a2.grad)
     # SimCLR: each rank averages its own anchors; Barlow Twins, CorInfoMax: every rank holds the global
     # loss, and CorInfoMax's running estimates are the full batch's on every rank.
+    # SwAV's Sinkhorn sums over ranks: the ranks' codes are the full batch's rows; the queue's helpers
+    # gather every rank's rows in rank order and hand each rank its half of a shared queue.
+    torch.testing.assert_close(torch.cat([ranks[r]["swav"][0] for r in range(2)]),
+                               distributed_sinkhorn(z1 @ z2.T, 0.05, 3))
+    for r in range(2):
+        torch.testing.assert_close(ranks[r]["swav"][1], z1)
+        torch.testing.assert_close(ranks[r]["swav"][2], z2[r * 4:(r + 1) * 4])
     rank_loss = (ranks[0]["simclr"][0] + ranks[1]["simclr"][0]) / 2
     torch.testing.assert_close(rank_loss, full["simclr"][0])
     for r in range(2):
@@ -300,7 +311,7 @@ def test_contrastive_objectives_take_video_and_audio_views() -> None:
 
 
 def test_unknown_names_and_bad_inputs_raise() -> None:
-    with pytest.raises(ValueError, match=r"unknown objective 'simsiam'.*barlow_twins, byol, corinfomax, mae, simclr"):
+    with pytest.raises(ValueError, match=r"unknown objective 'simsiam'.*barlow_twins, byol, corinfomax, exemplar, mae, s4l, simclr, swav, temporal_order, wav2vec2"):
         make_objective("simsiam", modality="image", backbone="convnet_small", backbone_args={})
     for name in ("simclr", "byol", "barlow_twins", "mae"):
         assert name in OBJECTIVES

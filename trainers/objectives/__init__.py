@@ -17,6 +17,6 @@ def make_objective(name: str, **args: Any) -> Objective:
 
 
 from selfsup.trainers.objectives import simclr, byol, barlow_twins, mae, wav2vec2  # noqa: E402,F401
-from selfsup.trainers.objectives import corinfomax, exemplar, s4l, temporal_order  # noqa: E402,F401
+from selfsup.trainers.objectives import corinfomax, exemplar, s4l, swav, temporal_order  # noqa: E402,F401
 
 __all__ = ["OBJECTIVES", "LossOutput", "Objective", "make_objective"]

@@ -12,10 +12,12 @@ and the loop calls, in this order each step:
 
 Batch tensors the loop hands over (uint8 already converted to float and normalized):
 - image:  view1, view2 or image  float [B, C, H, W];  mask bool [B, N] (True = hidden)
+          local  float [B, K, C, S, S] with multi-crop (modality local_crops=K, local_size=S)
 - video:  view1, view2 or video  float [B, C, T, H, W];  mask bool [B, N];
           clips float [B, n, C, t, H, W] and order long [B] (output: order, temporal_order)
 - audio:  view1, view2 or spec   float [B, F, T] (log-mel);  wave float [B, S], length long [B];
-          mask bool [B, N] over spectrogram patches or over conv-encoder frames
+          mask bool [B, N] over spectrogram patches or over conv-encoder frames;
+          local float [B, K, F, T_local] with multi-crop
 Masks hold exactly the same number of True per row, so masked tokens can be dropped by gather.
 """
 from __future__ import annotations
