@@ -7,7 +7,7 @@ SELFSUP := $(VENV)/bin/selfsup
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup data demo test test-quick test-cluster test-cluster-ci quality test-slow typecheck ci clean gpu-check gpu-check-prepare
+.PHONY: setup data demo test test-e2e test-quick test-cluster test-cluster-ci quality test-slow typecheck ci clean gpu-check gpu-check-prepare
 
 $(STAMP): constraints.txt pyproject.toml
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ demo: data
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# The longest end-to-end runs (marker e2e: job submission to a Ray cluster, multi-worker Ray Train
+# runs, resume-to-the-same-losses, the GPU recipes at a tiny size); CI runs them after `make test`.
+test-e2e: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m e2e -p no:cacheprovider $(PYTEST_ARGS)
 
 # The quick end-to-end learning bars (one per modality, about 5 minutes each; CI runs them).
 test-quick: $(STAMP)
@@ -61,8 +66,8 @@ gpu-check:
 gpu-check-prepare: $(STAMP)
 	$(VENV)/bin/python jobs/bench/gpu_check.py --prepare $(GPU_CHECK_ARGS)
 
-# What CI runs (.ci/run): the default suite, one multi-node fault test, the quick bars, the type check.
-ci: test test-cluster-ci test-quick typecheck
+# What CI runs (.ci/run): the default suite, the e2e runs, one multi-node fault test, the quick bars, the type check.
+ci: test test-e2e test-cluster-ci test-quick typecheck
 
 clean:
 	rm -rf runs .pytest_cache

@@ -69,6 +69,7 @@ def test_watch_evaluates_each_checkpoint_once_across_a_restart(trained, capsys):
     assert "finished at step 4/4" in shown and "step-000004*" in shown
 
 
+@pytest.mark.e2e
 def test_ray_actors_give_the_same_accuracy(trained, ray_cluster, tmp_path):
     run, data = trained
     args = ["--eval-set", f"fm={data}", "--quiet", "--methods", "knn", "--no-baselines"]

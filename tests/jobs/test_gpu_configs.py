@@ -113,6 +113,7 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], str
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+@pytest.mark.e2e
 def test_recipe_trains_two_steps_on_cpu_at_a_tiny_size(path: Path, tiny_shards: Callable[[str], str]) -> None:
     """The loop's own step (trainers/loop.py's train_step) with the recipe's GPU options (channels_last,
     fused AdamW, LARS...) on CPU, batch 2, the architecture as at 224 px."""

@@ -156,6 +156,7 @@ def test_leases_exclude_expire_and_refuse_unsupported_storage(moto_s3, tmp_path,
     assert "leases need conditional writes" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_two_concurrent_retrains_on_s3_start_one_run(moto_s3, fm):
     bucket = moto_s3.bucket("rt")
     data, runs = f"{bucket}/fm", f"{bucket}/runs"
@@ -176,6 +177,7 @@ def test_two_concurrent_retrains_on_s3_start_one_run(moto_s3, fm):
     assert sum(d in ("promote", "reject") for d in decisions) == 1 and len(run_dirs(runs)) == 1, decisions
 
 
+@pytest.mark.e2e
 def test_killed_retrain_is_resumed_after_its_lease_expires(fm, tmp_path):
     runs = str(tmp_path / "runs")
     args = overrides(runs, fm, **{"train.steps": 40, "train.ckpt_every": 2, "retrain.lease_seconds": 4})

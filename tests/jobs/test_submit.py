@@ -143,6 +143,7 @@ def submitted(head, fm, tmp_path_factory):
     return run, res, staging
 
 
+@pytest.mark.e2e
 def test_submit_pretrain_runs_to_completion_and_jobs_ls_shows_it(head, submitted):
     run, res, staging = submitted
     job_id = res.stdout.splitlines()[0]
@@ -173,6 +174,7 @@ def test_submit_pretrain_runs_to_completion_and_jobs_ls_shows_it(head, submitted
     assert worker and "RayTrainWorker" in worker[0], logs.stdout[-3000:]
 
 
+@pytest.mark.e2e
 def test_submitted_evaluation_is_its_own_job(head, submitted, fm):
     run, _, _ = submitted
     res = head.cli("submit", "evaluate", run, "--eval-set", f"fm={fm}", "--methods", "knn", "--no-ray", "--quiet",

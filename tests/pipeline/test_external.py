@@ -87,6 +87,7 @@ def test_added_local_tars_are_read_in_place_and_adding_them_again_adds_nothing(w
     assert len(manifest.read_manifest(dest)) == 3
 
 
+@pytest.mark.e2e
 def test_added_s3_tars_verify_and_train_on_two_workers(ray_cluster, moto_s3, wds_set, tmp_path, capsys):
     src = moto_s3.bucket("laion") + "/shards"
     for t in wds_set["tars"]:

@@ -76,6 +76,7 @@ def check_checkpoints(run: str, positions: dict[int, dict[str, int]], objective:
         assert meta["data_position"] == positions[step]
 
 
+@pytest.mark.e2e
 def test_wav2vec2_audio_resumes_to_the_same_losses(ray_cluster, tmp_path, av_shards):
     name, data = "wav2vec2_audio", av_shards["wav2vec2_audio"]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
@@ -92,6 +93,7 @@ def test_wav2vec2_audio_resumes_to_the_same_losses(ray_cluster, tmp_path, av_sha
     assert all(m["targets"] > 0 and math.isfinite(m["code_perplexity"]) for m in lines)
 
 
+@pytest.mark.e2e
 def test_mae_video_trains_on_two_workers_into_the_next_epoch(ray_cluster, tmp_path, av_shards):
     name, data = "mae_video", av_shards["mae_video"]
     run = str(tmp_path / "mae-video")
