@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import AbstractSet, Any, Mapping, Optional, Sequence
 
@@ -26,6 +25,7 @@ from selfsup.pipeline.masking import make_mask
 from selfsup.pipeline.modalities import make_modality
 from selfsup.pipeline.modalities.base import Modality, Sample
 from selfsup.pipeline.plan import EpochPlan, plan_epoch
+from selfsup.pipeline.reads import ReadCounter, ordered_reads
 from selfsup.pipeline.seeding import sample_rng, stable_hash
 from selfsup.pipeline.snapshot import Snapshot, sample_ids
 from selfsup.pipeline.tarindex import PackedIndex, decode_label, load_index, members_from_range
@@ -65,6 +65,7 @@ class FeedSpec:
     on_error: str = "quarantine"
     storage_options: Optional[Mapping[str, Any]] = None
     index_cache_bytes: int = DEFAULT_INDEX_CACHE_BYTES  # shard indexes a maker keeps (not in the hash: same batches)
+    read_concurrency: Optional[int] = None  # segment reads in flight per micro-batch; None: mix (not in the hash)
 
     def __post_init__(self) -> None:
         if self.on_error not in ON_ERROR:
@@ -72,6 +73,9 @@ class FeedSpec:
         if self.index_cache_bytes < 0:
             raise ValueError(f"index_cache_bytes={self.index_cache_bytes} is negative; give 0 (no cache) or more "
                              "(data.index_cache_mb)")
+        if self.read_concurrency is not None and self.read_concurrency < 1:
+            raise ValueError(f"read_concurrency={self.read_concurrency} must be at least 1 (1 reads one segment "
+                             "at a time; leave it unset for one read per shard mixed in a batch: data.read_concurrency)")
 
     def __hash__(self) -> int:  # mappings inside: hash a stable digest instead
         return stable_hash(self.snapshot.digest(), self.batch_size, json.dumps(
@@ -81,34 +85,6 @@ class FeedSpec:
     def plan(self, epoch: int) -> EpochPlan:
         """The plan of an epoch under this spec."""
         return plan_epoch(self.snapshot, self.seed, epoch, self.batch_size, self.mix, self.run_length, self.train)
-
-
-class ReadCounter:
-    """A maker's ranged reads: how many, bytes, seconds, the most in flight at once, and how many
-    began while a sample was being decoded (reads overlapping decode; 0 while reads are synchronous)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.reads = self.bytes = self.in_flight = self.max_in_flight = self.decoding = self.overlapped = 0
-        self.seconds = 0.0
-
-    def begin(self) -> float:
-        with self._lock:
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
-            self.overlapped += self.decoding > 0
-        return time.perf_counter()
-
-    def end(self, t0: float, nbytes: int) -> None:
-        with self._lock:
-            self.in_flight -= 1
-            self.reads, self.bytes = self.reads + 1, self.bytes + nbytes
-            self.seconds += time.perf_counter() - t0
-
-    def stats(self) -> dict[str, float]:
-        """The counts so far (JSON-ready)."""
-        return {"reads": self.reads, "bytes": self.bytes, "read_s": self.seconds,
-                "max_in_flight": self.max_in_flight, "overlapped_decode": self.overlapped}
 
 
 def sample_byte_limit(modality: Modality) -> int:
@@ -155,7 +131,13 @@ class BatchMaker:
         self.grid = self.modality.token_grid(spec.mask["geometry"]) if spec.mask is not None else None
         self.sample_limit = sample_byte_limit(self.modality)
         self._index: IndexCache[PackedIndex] = IndexCache(self._load_index, spec.index_cache_bytes)
+        self._index_lock = threading.Lock()  # segment reads look indexes up from the read pool's threads
         self.reads = ReadCounter()
+        self.read_concurrency = spec.read_concurrency or spec.mix
+
+    def _index_of(self, shard: int) -> PackedIndex:
+        with self._index_lock:
+            return self._index(shard)
 
     def _load_index(self, shard: int) -> PackedIndex:
         ref = self.spec.snapshot.shards[shard]
@@ -174,15 +156,15 @@ class BatchMaker:
 
     def read(self, shard: int, lo: int, hi: int) -> list[tuple[str, dict[str, bytes]]]:
         """Samples lo..hi-1 of a snapshot shard, one ranged read."""
-        ref, idx = self.spec.snapshot.shards[shard], self._index(shard)
+        ref, idx = self.spec.snapshot.shards[shard], self._index_of(shard)
         start, end = idx.span(lo, hi)
-        t0, data = self.reads.begin(), b""
+        token, data = self.reads.begin(), b""
         try:
             data = storage.read_bytes(ref.url, start, end, self.spec.storage_options)
         except OSError as e:
             raise ShardReadError(f"reading {storage.redact_url(ref.url)} bytes {start}-{end} failed: {e}") from e
         finally:
-            self.reads.end(t0, len(data))
+            self.reads.end(token, len(data))
         return members_from_range(idx, lo, hi, data)
 
     def read_within_limit(self, shard: int, lo: int, hi: int) -> list[tuple[str, dict[str, bytes], Optional[str]]]:
@@ -190,7 +172,7 @@ class BatchMaker:
 
         Each run of such samples is one ranged read; any other is left unread (members {}) on its index size alone.
         """
-        idx = self._index(shard)
+        idx = self._index_of(shard)
         fits = (idx.ends[lo:hi] - idx.starts[lo:hi] <= self.sample_limit).tolist()
         out: list[tuple[str, dict[str, bytes], Optional[str]]] = []
         j = lo
@@ -211,11 +193,8 @@ class BatchMaker:
         """One sample's arrays (views, mask); raises on decode failure."""
         url = self.spec.snapshot.shards[shard].url
         rng = sample_rng(self.spec.seed, epoch, url, key)
-        self.reads.decoding += 1
-        try:
+        with self.reads.decode():
             out = self.modality.sample(self.modality.decode(members), rng, self.spec.train)
-        finally:
-            self.reads.decoding -= 1
         if self.spec.mask is not None and self.grid is not None:  # both or neither
             mrng = sample_rng(self.spec.seed, epoch, url, key, "mask")
             valid = self.modality.valid_tokens(out, self.spec.mask["geometry"])
@@ -226,7 +205,7 @@ class BatchMaker:
         """(shard URL, sample key) of each row of micro-batch i, from the indexes alone (nothing decoded)."""
         out = []
         for shard, lo, hi in self.spec.plan(epoch).batch(i):
-            idx = self._index(shard)
+            idx = self._index_of(shard)
             out += [(self.spec.snapshot.shards[shard].url, idx.keys[p]) for p in range(lo, hi)]
         return out
 
@@ -246,35 +225,24 @@ class BatchMaker:
     def make(self, epoch: int, i: int, killers: AbstractSet[tuple[str, str]] = frozenset()) -> dict[str, Any]:
         """Micro-batch i of `epoch` as a dict of contiguous numpy arrays (plus a quarantine list).
 
-        `killers`: (shard URL, key) of samples that kill the process decoding them; quarantined undecoded.
+        The segments' ranged reads run `read_concurrency` at a time; each segment's samples are
+        decoded, in order, as soon as its bytes are there. `killers`: (shard URL, key) of samples
+        that kill the process decoding them; quarantined undecoded.
         """
         plan = self.spec.plan(epoch)
+        segments = plan.batch(i)
         rows: list[tuple[int, int, str, dict[str, bytes]]] = []  # shard, position, key, members
-        unread: dict[int, str] = {}  # slot: why its sample was not read
-        for shard, lo, hi in plan.batch(i):
-            for pos, (key, members, why) in zip(range(lo, hi), self.read_within_limit(shard, lo, hi)):
-                if why:
-                    unread[len(rows)] = why
-                rows.append((shard, pos, key, members))
-        n_valid = int(plan.valid[i])
         samples: list[Optional[Sample]] = []
-        errors: dict[int, str] = {}
-        shards = self.spec.snapshot.shards
-        for slot, (shard, pos, key, members) in enumerate(rows):
-            if (shards[shard].url, key) in killers:
-                samples.append(None)
-                errors[slot] = KILLED
-                continue
-            try:
-                if slot in unread:
-                    raise SampleTooLarge(unread[slot])
-                samples.append(self.sample(epoch, shard, key, members, slot))
-            except Exception as e:  # noqa: BLE001 - any failure on fully read bytes is a decode failure
-                if self.spec.on_error == "raise":
-                    raise SampleDecodeError(f"{storage.redact_url(self.spec.snapshot.shards[shard].url)}"
-                                            f" sample {key}: {type(e).__name__}: {e}") from e
-                samples.append(None)
-                errors[slot] = f"{type(e).__name__}: {e}"
+        errors: dict[int, str] = {}  # slot: why its sample is quarantined
+        with ordered_reads(self.read_within_limit, segments, self.read_concurrency) as reads:
+            for (shard, lo, hi), read in zip(segments, reads):
+                for pos, (key, members, why) in zip(range(lo, hi), read):
+                    sample, error = self._try_sample(epoch, (shard, key, members, why), len(rows), killers)
+                    if error is not None:
+                        errors[len(rows)] = error
+                    rows.append((shard, pos, key, members))
+                    samples.append(sample)
+        n_valid = int(plan.valid[i])
         quarantine = []
         for slot in sorted(errors):
             shard, pos, key, _ = rows[slot]
@@ -282,6 +250,23 @@ class BatchMaker:
             quarantine.append({"shard": self.spec.snapshot.shards[shard].url, "key": key, "epoch": epoch,
                                "position": pos, "error": errors[slot][:500]})
         return self._stack(epoch, i, rows, samples, sorted(errors), n_valid, quarantine)
+
+    def _try_sample(self, epoch: int, read: tuple[int, str, dict[str, bytes], Optional[str]], slot: int,
+                    killers: AbstractSet[tuple[str, str]]) -> tuple[Optional[Sample], Optional[str]]:
+        """(sample, None), or (None, why it is quarantined) for a read (shard, key, members, why unread):
+        a killer, unread, or a decode failure (raised instead under on_error='raise')."""
+        shard, key, members, why = read
+        url = self.spec.snapshot.shards[shard].url
+        if (url, key) in killers:
+            return None, KILLED
+        try:
+            if why:
+                raise SampleTooLarge(why)
+            return self.sample(epoch, shard, key, members, slot), None
+        except Exception as e:  # noqa: BLE001 - any failure on fully read bytes is a decode failure
+            if self.spec.on_error == "raise":
+                raise SampleDecodeError(f"{storage.redact_url(url)} sample {key}: {type(e).__name__}: {e}") from e
+            return None, f"{type(e).__name__}: {e}"
 
     def _replacement(self, epoch: int, rows: list[tuple[int, int, str, dict[str, bytes]]],
                      samples: list[Optional[Sample]], slot: int) -> Sample:
@@ -370,7 +355,8 @@ def _locate(segments: list[tuple[int, int, int]], slot: int) -> tuple[int, int, 
 
 
 def _one_thread() -> None:
-    """One OpenCV/torch thread per batch maker: parallelism comes from streams, not threads."""
+    """One OpenCV/torch thread per batch maker: parallelism comes from streams, not threads (the
+    read pool's threads only wait on ranged reads; decoding stays on the thread calling make)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         import cv2

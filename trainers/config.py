@@ -38,6 +38,7 @@ class DataConfig:
     on_error: str = "quarantine"   # quarantine | raise
     max_worker_deaths: int = 2     # deaths while making one batch before it is made sample by sample
     index_cache_mb: float = 64.0   # shard indexes each stream keeps in memory (LRU, bounded in bytes)
+    read_concurrency: Optional[int] = None  # ranged reads a stream keeps in flight per micro-batch (None: mix)
     mean: Optional[list[float]] = None  # per-channel normalization of uint8 inputs (0-1 scale)
     std: Optional[list[float]] = None
 
@@ -188,6 +189,9 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
         (cfg.data.max_worker_deaths >= 1, f"data.max_worker_deaths={cfg.data.max_worker_deaths} must be at least 1"),
         (cfg.data.index_cache_mb >= 0, f"data.index_cache_mb={cfg.data.index_cache_mb} must not be negative "
          "(0 keeps no index; the default is 64)"),
+        (cfg.data.read_concurrency is None or cfg.data.read_concurrency >= 1,
+         f"data.read_concurrency={cfg.data.read_concurrency} must be at least 1 (1 reads one shard segment at a "
+         "time; leave it unset for data.mix reads in flight)"),
         ((cfg.data.mean is None) == (cfg.data.std is None), "give data.mean and data.std together"),
     ]
     for ok, message in checks:
@@ -203,6 +207,7 @@ def config_digest(cfg: PretrainConfig) -> str:
     data.pop("cluster", None)  # where and how a run is scheduled does not decide the model
     data.pop("retrain", None)
     data["data"].pop("index_cache_mb", None)  # nor the streams' index cache (same batches)
+    data["data"].pop("read_concurrency", None)  # nor how many reads they overlap (same batches)
     for key in TRACKING:  # where metrics are shown does not decide the model either
         data["train"].pop(key, None)
     return hashlib.blake2b(json.dumps(data, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()

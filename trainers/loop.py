@@ -95,7 +95,7 @@ def feed_spec(cfg: PretrainConfig, objective: Objective, snapshot: Optional[Snap
     return FeedSpec(snap, d.batch_size, dict(d.modality_args),
                     seed=cfg.train.seed, train=True, mix=d.mix, run_length=d.run_length,
                     mask=objective.mask_spec(), on_error=d.on_error, storage_options=cfg.storage_options,
-                    index_cache_bytes=int(d.index_cache_mb * 2**20))
+                    index_cache_bytes=int(d.index_cache_mb * 2**20), read_concurrency=d.read_concurrency)
 
 
 def wrap_model(objective: nn.Module, world: int, in_ray: bool,

@@ -5,8 +5,8 @@ The same shards (written once under --workdir) are copied into a bucket of an S3
 test extras). The selfsup variant (ShardStreams + BatchFeed, one epoch) then alternates between
 the local copy and the bucket, --repeats rounds, and the figures are medians: samples/s on each,
 `s3_vs_local` (issue 22 asks ≥ 0.8), and from inside the streams their ranged reads: how many, the
-most in flight at once in one stream, seconds spent reading, and how many began while that
-stream was decoding (reads overlapping decode). moto on loopback has no network latency but
+most in flight at once in one stream (a micro-batch's segment reads run data.read_concurrency at
+a time, mix by default), seconds spent reading, and how many overlapped a decode in that stream. moto on loopback has no network latency but
 costs CPU on the same machine: the ratio is a floor for the pipeline's own overhead of
 object storage, not a forecast for a real bucket.
 """

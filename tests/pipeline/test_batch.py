@@ -1,7 +1,9 @@
 """BatchMaker's batch arrays: written row by row into preallocated arrays, they hold exactly the bytes
-np.stack of the samples gives, quarantine replacements and padding rows included, for every modality."""
+np.stack of the samples gives, quarantine replacements and padding rows included, for every modality;
+and the same bytes whether a batch's segments are read one at a time or several at once."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -96,3 +98,27 @@ def test_stack_rows_keeps_np_stack_promotion_and_its_error_for_rows_that_differ(
     assert stack_rows(mixed)["a"].dtype == np.int16 and stack_rows(mixed)["a"][2, 0, 0] == 300  # not wrapped to uint8
     with pytest.raises(ValueError, match="same shape"):
         stack_rows(rows[:2] + [{"a": np.zeros((3,), np.uint8), "n": np.array(2, np.int64)}])
+
+
+@pytest.mark.parametrize("case", ["image-two-views-mask", "image-eval-padded", "audio-wave-eval-padded"])
+def test_concurrent_segment_reads_make_the_same_batches_as_one_read_at_a_time(case: str, tmp_path: Any) -> None:
+    modality, n, _, args, train, mask, label = CASES[case]
+    dest, samples = str(tmp_path / "ds"), media(modality, n)
+    for k in range(3):  # three shards and batches of 3, so micro-batches span several segments (ranged reads)
+        add_shard(dest, f"pretrain-{k:06d}", samples[k::3], modality)
+    spec = FeedSpec(build_snapshot([SourceSpec(url=dest, split="pretrain")]), 3, args, seed=5, train=train,
+                    mask=mask, label=label, mix=3, run_length=1, read_concurrency=1)
+    serial, pooled = BatchMaker(spec), BatchMaker(dataclasses.replace(spec, read_concurrency=4))
+    plan, quarantined, padded = spec.plan(0), 0, 0
+    assert max(len(plan.batch(i)) for i in range(plan.num_batches)) > 1
+    for i in range(plan.num_batches):
+        one, four = serial.make(0, i), pooled.make(0, i)
+        assert one.keys() == four.keys() and len(one["quarantine"]) == len(four["quarantine"])
+        for q1, q4 in zip(one["quarantine"], four["quarantine"]):  # errors may name an object's address
+            assert q1 | {"error": q1["error"].split(":")[0]} == q4 | {"error": q4["error"].split(":")[0]}
+        for k, v in one.items():
+            if isinstance(v, np.ndarray):
+                assert v.dtype == four[k].dtype and v.tobytes() == four[k].tobytes(), (case, i, k)
+        quarantined += int(one["quarantined"].sum())
+        padded += int((one["position"] < 0).sum())
+    assert quarantined == 1 and (padded > 0) == (not train) and serial.reads.stats()["max_in_flight"] == 1
