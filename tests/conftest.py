@@ -342,20 +342,25 @@ def planned_keys(spec: Any, keys: dict[tuple[str, int], str], epoch: int, i: int
     return [keys[(spec.snapshot.shards[s].url, p)] for s, lo, hi in spec.plan(epoch).batch(i) for p in range(lo, hi)]
 
 
+def tar_of(samples: Sequence[tuple[str, dict[str, bytes]]], fmt: int = tarfile.PAX_FORMAT) -> bytes:
+    """A tar of `samples` as they are: member KEY.EXT per (key, {ext: bytes}), no validation."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
 def add_shard(dest: str, name: str, samples: Sequence[tuple[str, dict[str, bytes]]], modality: str,
               split: str = "pretrain") -> None:
     """Tar `samples` as they are (no validation), index the tar, upload both, then add the manifest row."""
     from selfsup.pipeline import manifest, storage
     from selfsup.pipeline.tarindex import index_tar
 
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    data = buf.getvalue()
+    data = tar_of(samples, tarfile.USTAR_FORMAT)
     index = index_tar(io.BytesIO(data), name + ".tar")
     assert len(index) == len(samples)
     storage.write_bytes(storage.join(dest, name + ".tar"), data)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 import tracemalloc
 
 import numpy as np
@@ -12,18 +11,7 @@ import pytest
 
 from selfsup.pipeline.indexcache import IndexCache
 from selfsup.pipeline.tarindex import PackedIndex, ShardIndex, index_tar, members_from_range
-from tests.conftest import ARGS, add_shard, images
-
-
-def tar_of(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+from tests.conftest import ARGS, add_shard, images, tar_of
 
 
 def synthetic_index(n: int) -> ShardIndex:
