@@ -9,13 +9,14 @@ and linear probe on every probe set and target of the demo). Random init and raw
 computed once per architecture (backbone, its arguments, seed and eval view: results.arch_key)
 and cached; each cell's Δ is against the random init of its own architecture.
 
-Cost: cells × (budget + evaluation, 1-4 minutes on 2 cores); the default run (all modalities,
-5 minutes) takes hours, and --budgets adds best-three × budgets cells per modality. Each
-finished cell is one JSON file in WORKDIR/cells/ written atomically: a rerun skips finished
-cells (and failed ones unless --retry-failed), --rerun METHOD/MODALITY[@MINUTES] redoes one (alone, unless
---modality or --methods are given too).
-A cell that fails is recorded with its error line and the bench goes on. At the end the doc
-(--out, default docs/methods.md) is written from every cell record in the workdir.
+Cost: cells × (budget + 2-3 minutes of start-up and evaluation on 2 idle cores, more when
+loaded), and writing the demo data once (minutes); the default run (all modalities, 5 minutes)
+takes hours, and --budgets adds best-three × budgets cells per modality. Each finished cell is
+one JSON file in WORKDIR/cells/ written atomically: a rerun skips finished cells (and failed ones
+unless --retry-failed); --rerun METHOD/MODALITY[@MINUTES] redoes that one cell (alone, unless
+--modality or --methods are given too). A cell that fails is recorded with its error line and
+the bench goes on. At the end the doc (--out, default docs/methods.md, the plot beside it) is
+written from every cell record in the workdir.
 """
 from __future__ import annotations
 

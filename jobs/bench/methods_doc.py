@@ -79,11 +79,12 @@ def cell_row(r: Mapping[str, Any], cols: list[str], baselines: Mapping[str, Mapp
 def baseline_rows(used: list[Mapping[str, Any]], cols: list[str]) -> list[str]:
     """Random init rows (one per architecture) and raw input rows (one per distinct input view and figures)."""
     rows, raw_seen = [], set()
+    names = [b["backbone"] for b in used]
     for b in used:
         figs = [f for c in cols for f in (pct(b["random_init"].get(c, {}).get("knn")),
                                           pct(b["random_init"].get(c, {}).get("linear")), "")]
-        rows.append("| " + " | ".join([f"random init ({b['arch']})", "", b["backbone"], "no", "0", "", "", *figs])
-                    + " |")
+        label = "random init" + (f" ({b['arch']})" if names.count(b["backbone"]) > 1 else "")  # other args
+        rows.append("| " + " | ".join([label, "", b["backbone"], "no", "0", "", "", *figs]) + " |")
     for b in used:
         figs = [f for c in cols for f in (pct(b["raw"].get(c, {}).get("knn")), pct(b["raw"].get(c, {}).get("linear")),
                                           "")]
@@ -135,14 +136,15 @@ def format_doc(records: Sequence[Mapping[str, Any]], baselines: Sequence[Mapping
     main = [r for r in records if r["budget_minutes"] == budget]
     out = ["# Methods under equal compute", "",
            f"Written by `{command}` on {time.strftime('%Y-%m-%d')}. Machine: {machine}.", "",
-           f"Each cell pretrains one config (`jobs/configs/<method>_<modality>.yaml`) for **{budget:g} minutes** of "
+           f"Each cell pretrains one config (`jobs/configs/<method>_<modality>.yaml`) for **{budget:g} "
+           f"minute{'' if budget == 1 else 's'}** of "
            "training wall time on the modality's demo data (`selfsup demo`'s shards), with the LR schedule fitted to "
            "that time (`train.time_schedule`), then evaluates the final checkpoint as the demo does: frozen features, "
            "kNN (k = 20, cosine) and a linear probe, in %. Δ linear is against the random init of the same "
            "architecture and seed, in points. samples/s is training throughput (median over logged steps), "
-           "train s the wall time of the training call. Each method keeps its own config's backbone: the "
-           "contrastive and distillation methods share the modality's CNN, MAE uses a ViT, wav2vec 2.0 its own "
-           "conv + transformer (listed per modality below).", ""]
+           "train s the wall time of the training call (start-up included). Each method keeps its own config's "
+           "backbone, listed per modality below: in the bundled configs MAE uses a ViT and wav2vec 2.0 its own "
+           "conv + transformer, the other methods the modality's small CNN.", ""]
     for modality in dict.fromkeys([*(m for m in PLANS if any(r["modality"] == m for r in main)),
                                    *(r["modality"] for r in main)]):
         out += modality_section(modality, [r for r in main if r["modality"] == modality], by_arch)

@@ -129,6 +129,7 @@ def run_methods(args: argparse.Namespace) -> int:
     from selfsup.jobs.bench.methods import MethodsBenchOptions, bench_methods
 
     def floats(text: str) -> tuple[float, ...]:
+        """`1,2,5` → (1.0, 2.0, 5.0)."""
         try:
             return tuple(float(x) for x in text.split(",") if x.strip())
         except ValueError:

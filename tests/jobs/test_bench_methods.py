@@ -148,6 +148,11 @@ def test_doc_tables_and_deltas_from_records() -> None:
     randoms = table_rows(text, "random init")
     assert [r[2] for r in randoms] == ["video_cnn_small", "vit_micro"] and randoms[0][7:9] == ["30.00", "40.00"]
     assert len(table_rows(text, "raw input")) == 1  # the same view and figures: one row
+    twin = {**baselines[0], "arch": "r2", "random_init": {c: {"knn": 0.1, "linear": 0.1} for c in cols}}
+    again = format_doc([records[0], {**records[0], "method": "byol", "arch": "r2"}], [baselines[0], twin],
+                       "selfsup bench methods", 5.0, "2 cores")
+    assert sorted(r[0] for r in table_rows(again, "random init")) == ["random init (r1)", "random init (r2)"]
+    assert table_rows(again, "**byol")[0][9] == "+50.00"  # against its own architecture's init
     assert "Start with **s4l** on video (highest mean linear accuracy, and it saw labels)" in text
     assert delta(records[0], {"r1": baselines[0]}, "mfm/nope") is None
 
