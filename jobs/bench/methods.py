@@ -225,6 +225,8 @@ def run_cells(cells: list[Cell], options: MethodsBenchOptions, plans: Mapping[st
     from selfsup.jobs.data import find_dataset, missing_line
     from selfsup.jobs.demo_plans import write_plan_data
 
+    if options.use_ray and cells:
+        start_ray(cells)
     for modality in dict.fromkeys(c.modality for c in cells):
         plan = plans[modality]
         source = find_dataset(plan.dataset, options.data)
@@ -249,6 +251,21 @@ def run_cells(cells: list[Cell], options: MethodsBenchOptions, plans: Mapping[st
                 "method": cell.method, "modality": cell.modality, "config": cell.config.stem,
                 "budget_minutes": cell.budget, "cell_seconds": round(time.time() - t0, 1),
                 "date": time.strftime("%Y-%m-%d"), **record})
+
+
+def start_ray(cells: list[Cell]) -> None:
+    """A local Ray with the CPUs the largest config asks for: started by the first cell, a smaller
+    cluster would leave a later, larger config waiting for resources forever."""
+    from selfsup.jobs.common import ensure_ray, load_pretrain_config
+    from selfsup.jobs.training import local_cpus
+
+    need = 1.0
+    for c in cells:
+        try:
+            need = max(need, local_cpus(load_pretrain_config(str(c.config), [], None)))
+        except Exception:  # noqa: BLE001 - sizing only: the cell records its own error when it runs
+            pass
+    ensure_ray(None, need)
 
 
 def cell_overrides(cfg: Any, run: Path, ctx: CellContext, budget: float) -> list[str]:

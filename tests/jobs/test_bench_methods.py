@@ -51,7 +51,7 @@ def configs(tmp_path: Path) -> Path:
 def options(tmp_path: Path, configs: Path, **kw: Any) -> MethodsBenchOptions:
     return MethodsBenchOptions(**{"modalities": ("image",), "workdir": str(tmp_path / "work"),
                                   "out": str(tmp_path / "doc" / "methods.md"), "data": str(FMNIST),
-                                  "configs": str(configs), **kw})
+                                  "configs": str(configs), "use_ray": False, **kw})
 
 
 def test_cells_resume_rerun_alone_and_failures_recorded(tmp_path: Path, configs: Path) -> None:
