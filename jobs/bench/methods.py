@@ -193,8 +193,8 @@ def bench_methods(options: MethodsBenchOptions, plans: Mapping[str, DemoPlan] = 
     cells = select_cells(options, found)
     if options.rerun and not (options.modalities or options.methods):
         cells = []  # --rerun alone: just the cells it names
-    for text in options.rerun:
-        cell = parse_cell(text, options.budget_minutes, found)
+    again = [parse_cell(text, options.budget_minutes, found) for text in options.rerun]  # all valid first
+    for cell in again:
         forget(workdir, cell)
         cells += [cell] if cell not in cells else []
     todo = pending(workdir, cells, options.retry_failed)
@@ -234,8 +234,13 @@ def run_cells(cells: list[Cell], options: MethodsBenchOptions, plans: Mapping[st
             log(missing_line(plan.dataset, options.data))
             continue
         data_root = str((workdir / DATA).resolve())
-        with contextlib.redirect_stdout(sys.stderr):
-            sets = write_plan_data(plan, source, data_root, quiet=True)
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                sets = write_plan_data(plan, source, data_root, quiet=True)
+        except Exception as e:  # noqa: BLE001 - the other modalities go on; these cells stay to run
+            log(f"bench methods: {modality} data could not be written ({type(e).__name__}: {e}); "
+                f"its cells are left to a later run")
+            continue
         ctx = CellContext(plan, tuple(sets), data_root, workdir, options.overrides, options.use_ray)
         for cell in (c for c in cells if c.modality == modality):
             log(f"== bench methods: {cell.key} ({cell.config.name})")
