@@ -1,4 +1,4 @@
-"""`selfsup bench pipeline|cluster|train`: parse the flags, run the benchmark engine (selfsup.jobs.bench), print."""
+"""`selfsup bench pipeline|cluster|train|methods`: parse the flags, run the benchmark engine (selfsup.jobs.bench), print."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ from selfsup.jobs.bench.pipeline import SETUPS, VARIANTS, BenchOptions, bench_pi
 
 
 def add_parser(sub: Any) -> None:
-    """Register `selfsup bench pipeline`, `cluster` and `train`."""
+    """Register `selfsup bench pipeline`, `cluster`, `train` and `methods`."""
     p = sub.add_parser("bench", help="measure the data pipeline against common loaders, and a recipe's training step",
                        description="Benchmarks; they print ratios, which travel between machines.")
     bsub = p.add_subparsers(dest="bench_command", metavar="ACTION", required=True)
@@ -69,6 +69,7 @@ def add_parser(sub: Any) -> None:
     c.add_argument("--json", action="store_true", help="print one JSON object on stdout (table goes to stderr)")
     c.set_defaults(run=run_cluster)
     add_train_parser(bsub)
+    add_methods_parser(bsub)
 
 
 def add_train_parser(bsub: Any) -> None:
@@ -92,6 +93,65 @@ def add_train_parser(bsub: Any) -> None:
     t.add_argument("--data", help="shard location to read instead of the config's data.sources")
     t.add_argument("--json", action="store_true", help="print one JSON object on stdout (table goes to stderr)")
     t.set_defaults(run=run_train)
+
+
+def add_methods_parser(bsub: Any) -> None:
+    """Register `selfsup bench methods`."""
+    from selfsup.jobs.bench import methods as methods_engine
+    from selfsup.jobs.demo_plans import PLANS
+
+    d = methods_engine.MethodsBenchOptions()
+    m = bsub.add_parser(
+        "methods", help="every objective × modality under the same training time, evaluated alike: "
+                        "the table of docs/methods.md (hours: cells × (budget + evaluation))",
+        description=(methods_engine.__doc__ or "").split("\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("--modality", action="append", choices=sorted(PLANS),
+                   help="modality to run (repeatable; default all)")
+    m.add_argument("--methods", default="", help="comma-separated methods (default: every jobs/configs/"
+                                                 "<method>_<modality>.yaml of the modalities)")
+    m.add_argument("--budget-minutes", type=float, default=d.budget_minutes,
+                   help=f"training wall time per cell, the LR schedule fitted to it (default {d.budget_minutes:g})")
+    m.add_argument("--budgets", default="", help="comma-separated extra budgets in minutes (e.g. 1,2,5) for the "
+                                                 "best three per modality: the accuracy-vs-budget plot; costs "
+                                                 "3 × modalities × budgets more cells")
+    m.add_argument("--workdir", default=d.workdir, help=f"data, runs and cell records (local; default {d.workdir})")
+    m.add_argument("--rerun", action="append", default=[], metavar="METHOD/MODALITY[@MINUTES]",
+                   help="forget and run this cell again, e.g. simclr/image (repeatable)")
+    m.add_argument("--retry-failed", action="store_true", help="run the cells recorded as failed again")
+    m.add_argument("--out", default=d.out, help=f"the doc to write (default {d.out}; the plot beside it)")
+    m.add_argument("--data", help="folder holding the datasets (default: $SELFSUP_DATA, /usr/share/datasets, "
+                                  "../shared/datasets)")
+    m.add_argument("--no-ray", action="store_true", help="train and extract features in this process (one "
+                                                         "worker): figures not comparable with the default's")
+    m.add_argument("--json", action="store_true", help="print the cell records as one JSON object on stdout")
+    m.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for every cell (changes the "
+                                                                     "comparison: say so beside the table)")
+    m.set_defaults(run=run_methods)
+
+
+def run_methods(args: argparse.Namespace) -> int:
+    """Run the missing cells, write the doc; with --json, the records on stdout."""
+    import shlex
+    import sys
+
+    from selfsup.jobs.bench.methods import MethodsBenchOptions, bench_methods
+
+    def floats(text: str) -> tuple[float, ...]:
+        """`1,2,5` → (1.0, 2.0, 5.0)."""
+        try:
+            return tuple(float(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise ValueError(f"--budgets {text!r} must be comma-separated minutes, e.g. 1,2,5") from None
+
+    result = bench_methods(MethodsBenchOptions(
+        modalities=tuple(args.modality or ()), methods=tuple(x.strip() for x in args.methods.split(",") if x.strip()),
+        budget_minutes=args.budget_minutes, workdir=args.workdir, rerun=tuple(args.rerun),
+        retry_failed=args.retry_failed, out=args.out, data=args.data, budgets=floats(args.budgets),
+        use_ray=not args.no_ray, overrides=tuple(args.overrides),
+        command=shlex.join(["selfsup", *sys.argv[sys.argv.index("bench"):]]) if "bench" in sys.argv
+        else "selfsup bench methods"))
+    return emit(result, args.json)
 
 
 def run_train(args: argparse.Namespace) -> int:
