@@ -145,7 +145,12 @@ class BatchFeed:
             return self._workers[req.slot].batch.remote(req.epoch, req.index, killers)
         if self.backend == "local":
             assert self._pool is not None
-            return self._pool.submit(local_call, "make", req.epoch, req.index, killers)
+            try:
+                return self._pool.submit(local_call, "make", req.epoch, req.index, killers)
+            except BrokenProcessPool as e:  # a process died since the last result: seen as a death when consumed
+                failed: Future[Any] = Future()
+                failed.set_exception(e)
+                return failed
         return None  # inline: made when consumed
 
     # ------------------------------------------------------------ consuming
