@@ -277,7 +277,8 @@ def cell_overrides(cfg: Any, run: Path, ctx: CellContext, budget: float) -> list
     """The bench's overrides: run folder, the demo data in WORKDIR/data, the time-fitted budget, one checkpoint."""
     sources = [{"url": ctx.data_root + "/" + s.url[len(DEMO_DATA):] if s.url.startswith(DEMO_DATA) else s.url,
                 "split": s.split, **({"weight": s.weight} if s.weight is not None else {}),
-                **({"name": s.name} if s.name else {})} for s in cfg.data.sources]
+                **({"name": s.name} if s.name else {}), **({"target": s.target} if s.target else {})}
+               for s in cfg.data.sources]
     return [f"run={run.resolve()}", f"data.sources={json.dumps(sources)}", f"train.time_limit_minutes={budget:g}",
             "train.time_schedule=true", f"train.steps={ONCE}", f"train.ckpt_every={ONCE}", "train.keep=1",
             *ctx.overrides]

@@ -179,3 +179,18 @@ def test_one_real_cell_end_to_end(tmp_path: Path) -> None:
     assert "| **simclr** | `simclr_image` | convnet_small | no |" in doc and "random init" in doc
     assert str(ROOT / "jobs" / "configs") not in doc
     assert bench_methods(opts, TINY_PLAN)["cells"] == [cell]  # resumed: recorded, not trained again
+
+
+def test_a_cell_keeps_its_configs_sources_splits_weights_and_label_targets(tmp_path: Path) -> None:
+    """The s4l config's labeled source keeps `target: cls` when the bench moves its data to the workdir."""
+    from selfsup.jobs.bench.methods import cell_overrides
+    from selfsup.jobs.common import CONFIGS, load_pretrain_config
+    from selfsup.jobs.demo_plans import PLANS
+
+    cfg = load_pretrain_config(str(CONFIGS / "s4l_image.yaml"), [], None)
+    ctx = CellContext(PLANS["image"], (), str(tmp_path / "data"), tmp_path)
+    args = cell_overrides(cfg, tmp_path / "run", ctx, 2.0)
+    sources = json.loads(next(a for a in args if a.startswith("data.sources="))[len("data.sources="):])
+    assert [(s["split"], s.get("weight"), s.get("target")) for s in sources] == [
+        ("pretrain", 0.8, None), ("probe-train", 0.2, "cls")]
+    assert all(s["url"] == str(tmp_path / "data") + "/fashion-mnist" for s in sources)
