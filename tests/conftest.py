@@ -14,14 +14,11 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
 import tarfile
-import time
 import types
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -29,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from selfsup.jobs.bench.loopback import free_port, serving
 from selfsup.jobs.data import find_dataset, missing_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,41 +131,6 @@ def restore_environ(saved: dict[str, str | None]) -> None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 30.0) -> None:
-    """Block until something listens on 127.0.0.1:port."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
-
-
-@contextmanager
-def serving(argv: list[str], port: int) -> Iterator[None]:
-    """Run the server `argv` (quiet) while the block runs: wait until it listens on 127.0.0.1:port,
-    and stop it by its handle afterwards."""
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port)
-        yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 class MotoS3:

@@ -15,14 +15,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from selfsup.jobs.bench.loopback import free_port, serving
 from selfsup.jobs.bench.pipeline import BenchOptions, log
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -34,31 +32,19 @@ def moto_s3() -> Iterator[str]:
 
     The AWS settings of this process point at it meanwhile (Ray workers started inside inherit them).
     """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     saved = {k: os.environ.get(k) for k in (*S3_ENV, "AWS_ENDPOINT_URL")}
     os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
-    proc = subprocess.Popen([sys.executable, "-m", "selfsup.jobs.bench.s3server", "127.0.0.1", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 30
-        while True:
+        with contextlib.ExitStack() as stack:
             try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError("the moto S3 server did not start (is moto installed? pip install -e .[test])")
-                time.sleep(0.1)
-        yield endpoint
+                stack.enter_context(serving([sys.executable, "-m", "selfsup.jobs.bench.s3server", "127.0.0.1",
+                                             str(port)], port))
+            except TimeoutError:
+                raise RuntimeError("the moto S3 server did not start (is moto installed? pip install -e .[test])") from None
+            yield endpoint
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
