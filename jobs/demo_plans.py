@@ -2,8 +2,10 @@
 `selfsup bench methods` pretrain on and probe with.
 
 A plan names a dataset, the `shards write` arguments of each split (pretrain, probe-train,
-probe-test), the probe targets and any further eval-only sets. `write_plan_data` writes (or
-completes: finished shards are kept) every split of a plan and returns its eval sets.
+probe-test), the probe targets, further eval-only sets, and the data sets written from other sources
+(`EXTRA_SETS`: the instrument-family probe set, the general-audio corpus) that it evaluates on or mixes
+into pretraining. `write_plan_data` writes (or completes: finished shards are kept) every split of a
+plan and returns its eval sets and pretraining sources.
 """
 from __future__ import annotations
 
@@ -27,6 +29,24 @@ class DemoPlan:
     overrides: list[str] = field(default_factory=list)
     eval_minutes: float = 3.0        # reserved for evaluation inside --budget-minutes
     more_sets: list[tuple[str, list[tuple[str, list[str]]]]] = field(default_factory=list)  # eval-only folders
+    extra_eval: tuple[str, ...] = ()                 # EXTRA_SETS evaluated too; skipped with a line when missing
+    pretrain_weight: float = 1.0                     # the pretrain split's mixing weight beside extra_pretrain
+    extra_pretrain: tuple[tuple[str, float], ...] = ()  # (EXTRA_SETS name, weight) mixed into pretraining
+
+
+@dataclass(frozen=True)
+class PlanData:
+    """What `write_plan_data` wrote: eval sets as (name, folder URL), the pretraining folder's set first,
+    and the pretraining sources (folder URL, weight)."""
+
+    eval_sets: list[tuple[str, str]]
+    pretrain: list[tuple[str, float]]
+    missing: list[str] = field(default_factory=list)  # extra eval sets skipped: one line each, with how to get them
+
+    def sources_override(self) -> str:
+        """`data.sources=[...]`, the pretrain split of every pretraining folder with its weight."""
+        items = ", ".join(f"{{url: {url}, split: pretrain, weight: {w:g}}}" for url, w in self.pretrain)
+        return f"data.sources=[{items}]"
 
 
 def moving_splits(pretrain: int, probe_train: int) -> list[tuple[str, list[str]]]:
@@ -51,7 +71,8 @@ PLANS = {
     "audio": DemoPlan("fsdd", "fsdd", "audio", "simclr_audio", [
         ("pretrain", ["--exclude", "_theo_", "--samples-per-shard", "500"]),
         ("probe-train", ["--exclude", "_theo_", "--samples-per-shard", "500"]),
-        ("probe-test", ["--include", "_theo_", "--samples-per-shard", "500"])], more_sets=[FSDD_CUSTOMARY]),
+        ("probe-test", ["--include", "_theo_", "--samples-per-shard", "500"])], more_sets=[FSDD_CUSTOMARY],
+        extra_eval=("instruments",)),
     "video": DemoPlan("fashion-mnist", "moving-fashion-mnist", "video", "simclr_video", moving_splits(4000, 2000),
                       targets=["cls", "motion"]),
 }
@@ -64,7 +85,7 @@ QUALITY = {
         ("probe-train", ["--subset", "train", "--samples-per-shard", "10000"]),
         ("probe-test", ["--subset", "test", "--samples-per-shard", "10000"])], eval_minutes=7.0),
     "audio": DemoPlan("fsdd", "fsdd", "audio", "quality/audio", PLANS["audio"].splits, eval_minutes=3.5,
-                      more_sets=PLANS["audio"].more_sets),
+                      more_sets=PLANS["audio"].more_sets, extra_eval=PLANS["audio"].extra_eval),
     "video": DemoPlan("fashion-mnist", "moving-fashion-mnist", "video", "quality/video", PLANS["video"].splits,
                       targets=["motion", "cls"], eval_minutes=4.0),
 }
@@ -84,7 +105,7 @@ QUICK = {
     "audio": DemoPlan("fsdd", "fsdd", "audio", "quality/audio", PLANS["audio"].splits,
                       overrides=[*QUICK_ONCE, "objective.backbone_args.width=16", "objective.backbone_args.out_dim=512",
                                  "data.batch_size=32", "train.warmup_steps=10", "train.steps=2000"],
-                      eval_minutes=1.5, more_sets=PLANS["audio"].more_sets),
+                      eval_minutes=1.5, more_sets=PLANS["audio"].more_sets, extra_eval=PLANS["audio"].extra_eval),
     "video": DemoPlan("fashion-mnist", "moving-fashion-mnist-quick", "video", "quality/video",
                       moving_splits(2000, 1000),
         targets=["motion", "cls"], eval_minutes=1.5,
@@ -92,9 +113,12 @@ QUICK = {
 }
 
 
-def write_plan_data(plan: DemoPlan, source: Path, data_root: str, quiet: bool = False) -> list[tuple[str, str]]:
-    """Write (or complete) every split of `plan` under `data_root/<folder>`; returns its eval sets as
-    (name, folder URL), the pretraining folder first. Raises RuntimeError when a write fails."""
+def write_plan_data(plan: DemoPlan, source: Path, data_root: str, quiet: bool = False,
+                    data: str | None = None) -> PlanData:
+    """Write (or complete) every split of `plan` under `data_root/<folder>`, and its extra sets under
+    `data_root/<name>` (found under `data`, as `--data` says). An extra eval set whose data is missing is skipped
+    with a line on stderr; a missing extra pretraining set raises FileNotFoundError with the way to get it.
+    RuntimeError when a write fails."""
     from selfsup.jobs.cli import main
 
     sets: list[tuple[str, str]] = []
@@ -107,10 +131,20 @@ def write_plan_data(plan: DemoPlan, source: Path, data_root: str, quiet: bool = 
             if code:
                 raise RuntimeError(f"shards write {folder} {split} failed (exit {code})")
         sets.append((folder, dest))
-    return sets
+    pretrain = [(sets[0][1], plan.pretrain_weight)] if sets else []
+    for name, weight in plan.extra_pretrain:
+        pretrain.append((write_extra_set(name, data, f"{data_root}/{name}", plan.modality), weight))
+    missing = []
+    for name in plan.extra_eval:
+        try:
+            sets.append((name, write_extra_set(name, data, f"{data_root}/{name}", plan.modality)))
+        except FileNotFoundError as e:
+            print(f"skipping the eval set {name}: {e}", file=sys.stderr)
+            missing.append(f"{name}: {e}")
+    return PlanData(sets, pretrain, missing)
 
 
-# data sets written beside the demos with `--write-sets` (docs/data.md), not yet part of any demo's recipe:
+# data sets from other sources (docs/data.md), written by the plans that name them or alone with `--write-sets`:
 # `instruments` (dataset timgm6mb): the instrument-family probe set, General MIDI family labels, notes split so no
 # (program, key) is in both splits (pipeline/sources/soundfont.py); `general-audio`: the unlabeled pretraining
 # corpus, one `pretrain` split written from every installed part of jobs.data.GENERAL_AUDIO
@@ -138,17 +172,19 @@ def extra_set_writes(name: str, data: str | None) -> list[tuple[str, str, list[s
     raise ValueError(f"unknown data set {name!r}: valid: {', '.join(EXTRA_SETS)}")
 
 
-def write_extra_sets(names: list[str], data: str | None, out: str) -> list[str]:
-    """Write each named extra data set under OUT/data/<name> (reruns keep finished shards); their URLs."""
+def write_extra_set(name: str, data: str | None, url: str, modality: str = "audio") -> str:
+    """Write (or complete) the extra data set `name` at `url`; returns `url`. FileNotFoundError when its data
+    is missing, RuntimeError when a write fails."""
     from selfsup.jobs.cli import main
 
-    urls = []
-    for name in names:
-        url = f"{out}/data/{name}"
-        for source, split, extra in extra_set_writes(name, data):
-            print(f"== shards: {name} {split} ← {source}", file=sys.stderr)
-            code = main(["shards", "write", source, url, "--modality", "audio", "--split", split, "--quiet", *extra])
-            if code != 0:
-                raise RuntimeError(f"writing {name} {split} from {source} failed (exit {code})")
-        urls.append(url)
-    return urls
+    for source, split, extra in extra_set_writes(name, data):
+        print(f"== shards: {name} {split} ← {source}", file=sys.stderr)
+        code = main(["shards", "write", source, url, "--modality", modality, "--split", split, "--quiet", *extra])
+        if code != 0:
+            raise RuntimeError(f"writing {name} {split} from {source} failed (exit {code})")
+    return url
+
+
+def write_extra_sets(names: list[str], data: str | None, out: str) -> list[str]:
+    """Write each named extra data set under OUT/data/<name> (reruns keep finished shards); their URLs."""
+    return [write_extra_set(name, data, f"{out}/data/{name}") for name in names]

@@ -236,12 +236,14 @@ def run_cells(cells: list[Cell], options: MethodsBenchOptions, plans: Mapping[st
         data_root = str((workdir / DATA).resolve())
         try:
             with contextlib.redirect_stdout(sys.stderr):
-                sets = write_plan_data(plan, source, data_root, quiet=True)
+                written = write_plan_data(plan, source, data_root, quiet=True, data=options.data)
         except Exception as e:  # noqa: BLE001 - the other modalities go on; these cells stay to run
             log(f"bench methods: {modality} data could not be written ({type(e).__name__}: {e}); "
                 f"its cells are left to a later run")
             continue
-        ctx = CellContext(plan, tuple(sets), data_root, workdir, options.overrides, options.use_ray)
+        for line in written.missing:
+            log(f"bench methods: {modality} cells are not evaluated on {line}")
+        ctx = CellContext(plan, tuple(written.eval_sets), data_root, workdir, options.overrides, options.use_ray)
         for cell in (c for c in cells if c.modality == modality):
             log(f"== bench methods: {cell.key} ({cell.config.name})")
             t0 = time.time()

@@ -3,7 +3,7 @@
 Cell records (jobs/bench/methods.py) hold a method's accuracies per probe column
 (`eval_set/target` → kNN, linear); baseline records hold random init and raw input per
 architecture. A modality may have any number of probe columns (video: class and motion; audio:
-two speaker splits, later instrument families): each gets kNN, linear and Δ linear vs. the
+two speaker splits and instrument families): each gets kNN, linear and Δ linear vs. the
 random init of the cell's own architecture, in percentage points.
 """
 from __future__ import annotations
@@ -20,6 +20,8 @@ SET_NOTES = {  # what the demo's probe sets are, for the doc
     "fashion-mnist": "Fashion-MNIST: probe-train 10,000 train images, probe-test the 10,000 test images",
     "fsdd": "spoken digits: probe-test speaker theo (held out of pretraining and probe-train)",
     "fsdd-customary": "spoken digits, customary split: recordings 0-4 of every speaker are probe-test",
+    "instruments": "instrument families (General MIDI, 16 classes) of TimGM6mb's notes, no (program, key) in both "
+                   "splits: transfer beyond speech",
     "moving-fashion-mnist": "moving Fashion-MNIST clips: targets cls (item class) and motion (direction)",
 }
 

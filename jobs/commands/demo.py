@@ -70,12 +70,11 @@ def run(args: argparse.Namespace) -> int:
         print(missing_line(plan.dataset, args.data), file=sys.stderr)
         return 1
     t0 = time.time()
-    sets = write_plan_data(plan, source, f"{args.out}/data")
-    data = sets[0][1]
-    eval_sets = [f"{name}={url}" for name, url in sets]
+    written = write_plan_data(plan, source, f"{args.out}/data", data=args.data)
+    eval_sets = [f"{name}={url}" for name, url in written.eval_sets]
     run_dir = f"{args.out}/{plan.config.replace('/', '_')}" + ("_quick" if args.quick else "")
     # the evaluation below runs after pretraining: keep every checkpoint until it has been evaluated
-    overrides = [f"run={run_dir}", f"data.sources=[{{url: {data}, split: pretrain}}]", "train.keep_unevaluated=true",
+    overrides = [f"run={run_dir}", written.sources_override(), "train.keep_unevaluated=true",
                  *plan.overrides]
     if budget:
         left = budget - (time.time() - t0) / 60 - plan.eval_minutes
@@ -91,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"== evaluate: {run_dir} ({target})", file=sys.stderr)
         cli("evaluate", run_dir, "--watch", "--poll", "1", "--target", target,
             *[a for item in eval_sets for a in ("--eval-set", item)], "--quiet")
+    for line in written.missing:
+        print(f"not evaluated: {line}", file=sys.stderr)
     print(f"\nselfsup demo ({args.modality}) done in {time.time() - t0:.0f} s; run folder {storage.redact_url(run_dir)}; "
           f"see `selfsup runs show {run_dir}`")
     return 0
