@@ -102,9 +102,17 @@ def install_missing(general_audio: bool = False) -> None:
     packages = [pkg for name, pkg in DEBIAN_PACKAGES.items() if find_dataset(name) is None]
     if general_audio:
         packages += [pkg for pkg, path, _ in GENERAL_AUDIO if not os.path.exists(path)]
-    if packages and shutil.which("apt-get") and os.geteuid() == 0:
-        print(f"installing Debian's {' '.join(packages)} ...")
-        subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages], check=False)
+    if not packages:
+        return
+    if not (shutil.which("apt-get") and os.geteuid() == 0):
+        print(f"not installing Debian's {' '.join(packages)}: needs apt-get and root; the tests reaching them skip")
+        return
+    print(f"installing Debian's {' '.join(packages)} ...")
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]
+    if subprocess.run(install, check=False).returncode != 0:  # a fresh machine may have no package lists yet
+        subprocess.run(["apt-get", "update", "-q"], check=False)
+        if subprocess.run(install, check=False).returncode != 0:
+            print(f"could not install {' '.join(packages)}; the tests and demos reaching them skip with a line")
 
 
 def main() -> None:

@@ -6,9 +6,11 @@ baselines the same evaluation computed: best pretrained checkpoint vs. raw input
 from __future__ import annotations
 
 import time
+import warnings
 
 import pytest
 
+from selfsup.jobs.data import find_dataset, missing_line
 from selfsup.jobs.evaluation.results import read_results
 from tests.conftest import run_cli
 
@@ -47,9 +49,19 @@ def test_image_two_points_above_baselines(tmp_path):
         assert best(rows, "cls", method, "pretrained") >= bar, method
 
 
-def test_audio_held_out_speaker(tmp_path):
+def test_audio_held_out_speaker_and_instruments(tmp_path):
+    """One checkpoint beats raw log-mel and random init by 2 points linear on both the held-out speaker and
+    the instrument families (transfer beyond speech, issue 23); the instrument set needs timgm6mb."""
     rows, minutes = quality_run("audio", tmp_path)
     assert minutes <= 20.5
-    # the held-out-speaker set; fsdd-customary (recordings 0-4 of every speaker) is reported, not barred
-    bar = max(best(rows, "cls", "linear", "raw", "fsdd"), best(rows, "cls", "linear", "random_init", "fsdd")) + 0.02
-    assert best(rows, "cls", "linear", "pretrained", "fsdd") >= bar
+    # fsdd-customary (recordings 0-4 of every speaker) is reported, not barred: it has no headroom
+    sets = ["fsdd", *(["instruments"] if find_dataset("timgm6mb") else [])]
+    if len(sets) == 1:
+        warnings.warn(f"audio bar checked on fsdd only: {missing_line('timgm6mb')}")
+    bars = {s: max(best(rows, "cls", "linear", "raw", s), best(rows, "cls", "linear", "random_init", s)) + 0.02
+            for s in sets}
+    steps = {r["step"] for r in rows if r["encoder"] == "pretrained"}
+    met = [step for step in sorted(steps)
+           if all(best([r for r in rows if r["step"] in (step, None)], "cls", "linear", "pretrained", s) >= bars[s]
+                  for s in sets)]
+    assert met, f"no checkpoint meets {bars} on both sets"
