@@ -71,7 +71,10 @@ class ImageAlbumentations:
         """Decode at full scale, then one view per Compose."""
         import cv2
 
-        img = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise ValueError("OpenCV could not decode this image")
+        img = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         return {f"view{i + 1}": view(image=img)["image"] for i, view in enumerate(self.views)}
 
 

@@ -245,7 +245,7 @@ def variant_runners(args: BenchOptions, spec: Any, paths: list[str]) -> dict[str
 
     return {
         "kernel": lambda clock: run_kernel(spec, clock),
-        "best_library": best_library_runner(spec, "best_library" in args.variants, log),
+        "best_library": best_library_runner(spec, "best_library" in args.variants, log),  # type: ignore[dict-item]
         "selfsup": lambda clock: run_selfsup(spec, N, args.prefetch, clock),
         "dataloader": lambda clock: (L.time_loader(L.wds_loader(paths, transform, B, N), clock), {}),
         "ray_data": ray_data,
