@@ -9,7 +9,9 @@ grayscale, Gaussian blur with the modality's kernel, solarize where the recipe h
 vs_best_library = kernel / best_library samples per CPU-second is a per-core comparison.
 
 albumentations is a bench-only extra (`pip install -c constraints.txt -e '.[bench]'`): without it
-the variant prints one line saying so and is skipped.
+the variant prints one line saying so and is skipped. Pillow-SIMD (12.1.1.post0, source only) does
+build and install on this machine (gcc, libjpeg and zlib headers), but it replaces Pillow itself, so it
+is not a variant here.
 """
 from __future__ import annotations
 
