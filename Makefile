@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 $(STAMP): constraints.txt pyproject.toml
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --disable-pip-version-check -q -c constraints.txt -e '.[test,export,mlflow]'
+	$(VENV)/bin/pip install --disable-pip-version-check -q -c constraints.txt -e '.[test,export,mlflow,bench]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

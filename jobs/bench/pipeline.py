@@ -11,6 +11,8 @@ modality's train recipe (two views), one OpenCV and one torch thread per process
 - `dataloader`: torch DataLoader(num_workers=N) over a webdataset pipeline (shard list → split by
   worker → tar samples) calling the modality's own decode and views.
 - `ray_data`: ray.data.read_webdataset (raw bytes) → map_batches(the same code) → iter_batches.
+- `best_library`: images: the recipe in albumentations, a plain loop like `kernel` (see
+  selfsup.jobs.bench.best_library); vs_best_library = kernel / best_library per CPU-second.
 - `torchvision_default`: DataLoader(num_workers=N) with the recipe written the common way on
   tensors (see selfsup.jobs.bench.loaders): image: torchvision decode_image + transforms.v2; audio:
   soundfile + torchaudio, a mel per view and F.interpolate crops; video: PyAV decodes every frame
@@ -49,7 +51,7 @@ from typing import Any, Callable, Optional
 
 from selfsup.jobs.data import find_dataset, missing_line
 
-VARIANTS = ("kernel", "selfsup", "dataloader", "ray_data", "torchvision_default")
+VARIANTS = ("kernel", "best_library", "selfsup", "dataloader", "ray_data", "torchvision_default")
 
 
 SHARDS = 16  # shards per benchmark dataset (rounded up to a multiple of the streams)
@@ -230,6 +232,7 @@ def run_selfsup(spec: Any, streams: int, prefetch: int, clock: Any) -> tuple[int
 def variant_runners(args: BenchOptions, spec: Any, paths: list[str]) -> dict[str, Callable[[Any], tuple]]:
     """name → a function making one run timed by the RunClock it is given: (samples, extra figures)."""
     from selfsup.jobs.bench import loaders as L
+    from selfsup.jobs.bench.best_library import best_library_runner
 
     mod_args = dict(spec.modality_args)
     transform = L.ModalityTransform(spec.snapshot.modality, mod_args, spec.seed)
@@ -242,6 +245,7 @@ def variant_runners(args: BenchOptions, spec: Any, paths: list[str]) -> dict[str
 
     return {
         "kernel": lambda clock: run_kernel(spec, clock),
+        "best_library": best_library_runner(spec, "best_library" in args.variants, log),  # type: ignore[dict-item]
         "selfsup": lambda clock: run_selfsup(spec, N, args.prefetch, clock),
         "dataloader": lambda clock: (L.time_loader(L.wds_loader(paths, transform, B, N), clock), {}),
         "ray_data": ray_data,
@@ -273,6 +277,8 @@ def summarize(args: BenchOptions, rates: dict[str, list[float]], extras: dict[st
     out["samples_per_cpu_s"] = {v: round(x, 1) for v, x in per_cpu.items()}
     out["cpu_efficiency"] = (per_cpu["selfsup"] / per_cpu["kernel"]
                              if per_cpu.get("selfsup") and per_cpu.get("kernel") else None)
+    out["vs_best_library"] = (per_cpu["kernel"] / per_cpu["best_library"]  # per core: issue 22 asks >= 1.3
+                              if per_cpu.get("kernel") and per_cpu.get("best_library") else None)
     floors = {}
     for key, floor in FLOORS.get(args.modality, {}).items():
         value = out.get(key)
@@ -289,9 +295,9 @@ def summarize(args: BenchOptions, rates: dict[str, list[float]], extras: dict[st
 def table(result: dict[str, Any]) -> str:
     """A readable summary of `summarize`'s result."""
     N = result["streams"]
-    label = {"kernel": "kernel (1 process, no I/O)", "selfsup": f"selfsup ({N} streams, Ray)",
-             "dataloader": f"webdataset + DataLoader ({N})", "ray_data": f"Ray Data ({N} CPUs)",
-             "torchvision_default": f"torchvision default ({N})"}
+    label = {"kernel": "kernel (1 process, no I/O)", "best_library": "albumentations (1 process)",
+             "selfsup": f"selfsup ({N} streams, Ray)", "dataloader": f"webdataset + DataLoader ({N})",
+             "ray_data": f"Ray Data ({N} CPUs)", "torchvision_default": f"torchvision default ({N})"}
     lines = [f"{result['modality']}: {result['samples']} samples, batch {result['batch_size']}"
              + (f", {result['size']} px" if result["size"] else "") + f", median of {result['repeats']}",
              f"{'variant':<32}{'samples/s':>11}{'selfsup ×':>11}{'cores':>7}{'per CPU-s':>11}"]
@@ -303,6 +309,8 @@ def table(result: dict[str, Any]) -> str:
     if result["efficiency"] is not None:
         lines.append(f"efficiency selfsup/(N·kernel) = {result['efficiency']:.2f}; per CPU-second "
                      f"selfsup/kernel = {result['cpu_efficiency']:.2f}")
+    if result["vs_best_library"] is not None:
+        lines.append(f"vs_best_library kernel/albumentations per CPU-second = {result['vs_best_library']:.2f}")
     if result["other_cores"]:
         lines.append(f"other programs kept {result['other_cores']:.2f} of {result['cpus']} cores busy meanwhile"
                      + (" (figures of parallel variants are low)" if result["other_cores"] > 0.2 else ""))

@@ -4,6 +4,18 @@ Per CPU-second, OpenCV-based decode + two views at 224 px made 301 samples again
 torchvision.transforms.v2 on uint8 tensors (`selfsup bench pipeline --modality image`), so every op here
 works on uint8 HxWxC numpy arrays. Views are uint8 [size, size, channels].
 
+Decode once, at the scale the crops need: `decode` only checks the bytes (image_decode.py) and
+keeps them encoded; `sample` first makes every random draw of the sample (`plans`: each view's
+RandomResizedCrop box in full-image pixels from the header's size, flip, jitter, gray, blur,
+solarize, in the same rng order as drawing them view by view), then decodes a JPEG once at the
+largest DCT scale-down f in 8, 4, 2 such that every box's shorter side / f >= the side it is
+resized to (`dct_factor`), and cuts each box from the reduced image (`reduced_box`). So no box is
+upsampled from a reduced decode where the full decode would have shrunk it, a seed means the same
+boxes and photometric draws as with a full decode, and the views differ from the full decode's
+by resampling error only (tests/pipeline/test_image_decode.py measures it). PNG/WebP decode at
+full scale, byte for byte as before. The eval view decodes at the largest f that keeps the
+shorter side >= its resize target (size / eval_crop).
+
 Multi-crop (SwAV, Caron et al. 2020): `local_crops=K` adds a field `local` uint8
 [K, local_size, local_size, channels] beside the two global views: K smaller crops (box area in
 `local_scale` of the image) with view 1's photometric recipe, drawn from the sample's rng after the
@@ -11,62 +23,22 @@ global views, so view1/view2 are the same bytes with or without them. K=0 (the d
 """
 from __future__ import annotations
 
-import io
 import math
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
 
 import cv2
 import numpy as np
-from PIL import Image
 
 from selfsup.pipeline.media import EXTENSIONS
 from selfsup.pipeline.modalities import MODALITIES
-from selfsup.pipeline.modalities.base import DecodeError, Sample, float_pair, media_member
+from selfsup.pipeline.modalities.base import Sample, float_pair, media_member
+from selfsup.pipeline.modalities.image_decode import (  # noqa: F401 (check_complete, decode_image, image_size: API)
+    EncodedImage, check_complete, check_image, dct_factor, decode_image, decode_pixels, image_size, reduced_box)
 
 cv2.setNumThreads(1)
-Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit from the header, before decoding
 
 RECIPES = ("simclr", "byol", "single")
-
-
-def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the header alone; DecodeError if unreadable."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.size
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for junk
-        raise DecodeError(f"unreadable image header: {type(e).__name__}: {e}") from None
-
-
-def check_complete(ext: str, data: bytes) -> None:
-    """Raise DecodeError for truncated files that decoders would return partially."""
-    tail = data[-1024:].rstrip(b"\x00\r\n\t ")
-    if ext in ("jpg", "jpeg") and not tail.endswith(b"\xff\xd9"):
-        raise DecodeError("truncated JPEG (no end-of-image marker)")
-    if ext == "png" and b"IEND" not in data[-64:]:
-        raise DecodeError("truncated PNG (no IEND chunk)")
-    if ext == "webp" and (len(data) < 12 or int.from_bytes(data[4:8], "little") + 8 > len(data)):
-        raise DecodeError("truncated WebP (RIFF size exceeds the data)")
-
-
-def decode_image(ext: str, data: bytes, channels: int, max_pixels: int, min_side: int = 0) -> np.ndarray:
-    """uint8 [H, W, channels] RGB (or gray); JPEGs decode at a reduced scale when larger than needed."""
-    w, h = image_size(data)
-    if w * h > max_pixels:
-        raise DecodeError(f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
-    check_complete(ext, data)
-    flag = cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR
-    if ext in ("jpg", "jpeg") and min_side:
-        for factor, reduced in ((8, 64), (4, 32), (2, 16)):  # IMREAD_REDUCED_{GRAYSCALE,COLOR}_N
-            if min(w, h) // factor >= min_side:
-                flag = reduced + (0 if channels == 1 else 1)
-                break
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
-    if img is None:
-        raise DecodeError(f"OpenCV could not decode this .{ext}")
-    if channels == 1:
-        return img[:, :, None] if img.ndim == 2 else img
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 # ---------------------------------------------------------------- geometric ops
@@ -93,18 +65,27 @@ def crop_box(rng: np.random.Generator, h: int, w: int, scale: tuple[float, float
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
-def resize(img: np.ndarray, size: int) -> np.ndarray:
-    """Resize to size×size (area filter when shrinking a lot, bilinear otherwise)."""
-    h, w = img.shape[:2]
-    interp = cv2.INTER_AREA if min(h, w) > 2 * size else cv2.INTER_LINEAR
+def resize(img: np.ndarray, size: int, source_side: Optional[int] = None) -> np.ndarray:
+    """Resize to size×size (area filter when shrinking a lot, bilinear otherwise).
+
+    `source_side`: the shorter side the crop has at full scale (default: its own), which picks the
+    filter, so that a crop of a reduced decode is filtered as the full decode's crop would be.
+    """
+    short = min(img.shape[:2]) if source_side is None else source_side
+    interp = cv2.INTER_AREA if short > 2 * size else cv2.INTER_LINEAR
     out = cv2.resize(img, (size, size), interpolation=interp)
     return out[:, :, None] if out.ndim == 2 else out
+
+
+def eval_short_side(size: int, crop_fraction: float) -> int:
+    """The shorter side the eval view resizes an image to before its centre crop."""
+    return max(size, int(round(size / crop_fraction)))
 
 
 def center_view(img: np.ndarray, size: int, crop_fraction: float) -> np.ndarray:
     """Eval view: resize the shorter side to size/crop_fraction, then center-crop size×size."""
     h, w = img.shape[:2]
-    short = max(size, int(round(size / crop_fraction)))
+    short = eval_short_side(size, crop_fraction)
     nh, nw = (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short)
     if (nh, nw) != (h, w):
         interp = cv2.INTER_AREA if min(h, w) > short else cv2.INTER_LINEAR
@@ -125,25 +106,49 @@ def _gray(img: np.ndarray) -> np.ndarray:
     return img[:, :, 0] if img.shape[2] == 1 else cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
 
 
+def _brightness(img: np.ndarray, f: float) -> np.ndarray:
+    return _lut(img, np.arange(256, dtype=np.float32) * f)
+
+
+def _contrast(img: np.ndarray, f: float) -> np.ndarray:
+    mean = float(_gray(img).mean())
+    return _lut(img, (np.arange(256, dtype=np.float32) - mean) * f + mean)
+
+
+def _saturation(img: np.ndarray, f: float) -> np.ndarray:
+    gray = cv2.cvtColor(_gray(img), cv2.COLOR_GRAY2RGB)
+    return cv2.addWeighted(img, f, gray, 1 - f, 0)
+
+
+def _hue(img: np.ndarray, h: float) -> np.ndarray:
+    shift = int(round(h * 180))
+    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+    hsv[:, :, 0] = ((hsv[:, :, 0].astype(np.int16) + shift) % 180).astype(np.uint8)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+
+JITTER_OPS = (_brightness, _contrast, _saturation, _hue)  # indexed by the op number jitter_draws gives
+
+
+def jitter_draws(rng: np.random.Generator, b: float, c: float, s: float, h: float,
+                 channels: int) -> tuple[tuple[int, float], ...]:
+    """(op, factor) pairs in the order to apply: brightness, contrast, saturation, hue in a random order
+    (torchvision's semantics), each drawn only where its strength is > 0 (saturation and hue: colour only)."""
+    ranges = ((1 - b, 1 + b), (1 - c, 1 + c), (1 - s, 1 + s), (-h, h))
+    usable = (b > 0, c > 0, s > 0 and channels == 3, h > 0 and channels == 3)
+    return tuple((int(op), float(rng.uniform(*ranges[op]))) for op in rng.permutation(4) if usable[op])
+
+
+def apply_jitter(img: np.ndarray, draws: Sequence[tuple[int, float]]) -> np.ndarray:
+    """The colour jitter `jitter_draws` chose, on uint8 [H, W, C]."""
+    for op, f in draws:
+        img = JITTER_OPS[op](img, f)
+    return img
+
+
 def color_jitter(img: np.ndarray, rng: np.random.Generator, b: float, c: float, s: float, h: float) -> np.ndarray:
     """Brightness, contrast, saturation and hue jitter in a random order (torchvision's semantics)."""
-    ramp = np.arange(256, dtype=np.float32)
-    for op in rng.permutation(4):
-        if op == 0 and b > 0:
-            img = _lut(img, ramp * rng.uniform(1 - b, 1 + b))
-        elif op == 1 and c > 0:
-            f, mean = rng.uniform(1 - c, 1 + c), float(_gray(img).mean())
-            img = _lut(img, (ramp - mean) * f + mean)
-        elif op == 2 and s > 0 and img.shape[2] == 3:
-            f = rng.uniform(1 - s, 1 + s)
-            gray = cv2.cvtColor(_gray(img), cv2.COLOR_GRAY2RGB)
-            img = cv2.addWeighted(img, f, gray, 1 - f, 0)
-        elif op == 3 and h > 0 and img.shape[2] == 3:
-            shift = int(round(rng.uniform(-h, h) * 180))
-            hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
-            hsv[:, :, 0] = ((hsv[:, :, 0].astype(np.int16) + shift) % 180).astype(np.uint8)
-            img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
-    return img
+    return apply_jitter(img, jitter_draws(rng, b, c, s, h, img.shape[2]))
 
 
 def grayscale(img: np.ndarray) -> np.ndarray:
@@ -153,11 +158,16 @@ def grayscale(img: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(_gray(img), cv2.COLOR_GRAY2RGB)
 
 
+def blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur with a kernel of about 10% of the image side."""
+    k = max(3, int(0.1 * img.shape[0]) | 1)
+    out = cv2.GaussianBlur(img, (k, k), sigma)
+    return out[:, :, None] if out.ndim == 2 else out
+
+
 def gaussian_blur(img: np.ndarray, rng: np.random.Generator, sigma: tuple[float, float]) -> np.ndarray:
     """Blur with a kernel of about 10% of the image side and a random sigma."""
-    k = max(3, int(0.1 * img.shape[0]) | 1)
-    out = cv2.GaussianBlur(img, (k, k), rng.uniform(*sigma))
-    return out[:, :, None] if out.ndim == 2 else out
+    return blur(img, rng.uniform(*sigma))
 
 
 def solarize(img: np.ndarray, threshold: int = 128) -> np.ndarray:
@@ -176,6 +186,36 @@ def check_local_crops(k: int, size: int, scale: tuple[float, float], recipe: str
         raise ValueError(f"image local_scale={scale}; give (low, high) with 0 < low <= high <= 1 (SwAV: 0.05, 0.14)")
     if k and recipe == "single":
         raise ValueError("image local_crops needs a two-view recipe (simclr or byol), not recipe='single'")
+
+
+@dataclass(frozen=True)
+class ViewPlan:
+    """One view's random draws, made before decoding (none of them depends on pixel values)."""
+
+    box: tuple[int, int, int, int]  # (top, left, height, width) in full-image pixels
+    size: int  # the side the box is resized to
+    flip: bool = False
+    jitter: Optional[tuple[tuple[int, float], ...]] = None  # jitter_draws; None: no jitter
+    gray: bool = False
+    sigma: Optional[float] = None  # blur sigma; None: no blur
+    solarize: bool = False
+
+
+def render(img: np.ndarray, plan: ViewPlan, factor: int = 1) -> np.ndarray:
+    """The view `plan` draws, from pixels uint8 [H', W', C] decoded at 1/factor: uint8 [size, size, C]."""
+    top, left, ch, cw = reduced_box(plan.box, factor, img.shape)
+    out = resize(img[top: top + ch, left: left + cw], plan.size, min(plan.box[2:]))
+    if plan.flip:
+        out = out[:, ::-1]
+    if plan.jitter is not None:
+        out = apply_jitter(np.ascontiguousarray(out), plan.jitter)
+    if plan.gray:
+        out = grayscale(out)
+    if plan.sigma is not None:
+        out = blur(np.ascontiguousarray(out), plan.sigma)
+    if plan.solarize:
+        out = solarize(out)
+    return np.ascontiguousarray(out)
 
 
 @MODALITIES.register("image")
@@ -206,44 +246,60 @@ class ImageModality:
         self.view_probs = {"simclr": ((0.5, 0.0), (0.5, 0.0)), "byol": ((1.0, 0.0), (0.1, 0.2)),
                            "single": ((0.0, 0.0),)}[recipe]
 
-    def decode(self, members: Mapping[str, bytes]) -> np.ndarray:
-        """uint8 [H, W, C]."""
+    def decode(self, members: Mapping[str, bytes]) -> EncodedImage:
+        """The checked, still-encoded image (size from its header): `sample` decodes it at the scale it needs."""
         ext, data = media_member(members, self.extensions, self.name)
-        return decode_image(ext, data, self.channels, self.max_pixels, min_side=self.size)
+        return check_image(ext, data, self.max_pixels)
 
-    def view(self, img: np.ndarray, rng: np.random.Generator, blur_p: float, solarize_p: float,
-             local: bool = False) -> np.ndarray:
-        """One augmented view uint8 [size, size, C] (a local crop [local_size, local_size, C] when `local`)."""
+    def plan(self, rng: np.random.Generator, h: int, w: int, channels: int, blur_p: float, solarize_p: float,
+             local: bool = False) -> ViewPlan:
+        """One view's draws from `rng` for an h×w image (a local crop's when `local`); no pixel needed."""
         scale, size = (self.local_scale, self.local_size) if local else (self.scale, self.size)
-        top, left, ch, cw = crop_box(rng, img.shape[0], img.shape[1], scale)
-        out = resize(img[top: top + ch, left: left + cw], size)
-        if self.flip and rng.random() < 0.5:
-            out = out[:, ::-1]
+        box = crop_box(rng, h, w, scale)
+        flip = bool(self.flip and rng.random() < 0.5)
         if self.recipe == "single":
-            return np.ascontiguousarray(out)
-        if rng.random() < self.jitter_p:
-            out = color_jitter(np.ascontiguousarray(out), rng, *self.jitter)
-        if rng.random() < self.gray_p:
-            out = grayscale(out)
-        if self.blur and rng.random() < blur_p:
-            out = gaussian_blur(np.ascontiguousarray(out), rng, (0.1, 2.0))
-        if rng.random() < solarize_p:
-            out = solarize(out)
-        return np.ascontiguousarray(out)
+            return ViewPlan(box, size, flip)
+        b, c, s, hue = self.jitter
+        jitter = jitter_draws(rng, b, c, s, hue, channels) if rng.random() < self.jitter_p else None
+        gray = bool(rng.random() < self.gray_p)
+        sigma = float(rng.uniform(0.1, 2.0)) if self.blur and rng.random() < blur_p else None
+        return ViewPlan(box, size, flip, jitter, gray, sigma, bool(rng.random() < solarize_p))
+
+    def plans(self, rng: np.random.Generator, h: int, w: int, channels: int) -> list[ViewPlan]:
+        """Every view's draws in the sample's order: the views, then the local crops (view 1's recipe)."""
+        out = [self.plan(rng, h, w, channels, b, s) for b, s in self.view_probs]
+        if len(out) > 1 and self.local_crops:  # after the global views: those keep their bytes
+            out += [self.plan(rng, h, w, channels, *self.view_probs[0], local=True) for _ in range(self.local_crops)]
+        return out
 
     def sample(self, decoded: Any, rng: np.random.Generator, train: bool) -> Sample:
-        """Two views (simclr/byol) and the local crops if asked, one view (single), or the eval view."""
+        """Two views (simclr/byol) and the local crops if asked, one view (single), or the eval view.
+
+        `decoded`: an EncodedImage (decoded here, once, at the largest DCT scale-down every box allows)
+        or pixels uint8 [H, W, C] (used as they are).
+        """
         if not train:
-            return {"image": np.ascontiguousarray(center_view(decoded, self.size, self.eval_crop))}
-        views = [self.view(decoded, rng, b, s) for b, s in self.view_probs]
+            return {"image": np.ascontiguousarray(center_view(self.eval_pixels(decoded), self.size, self.eval_crop))}
+        if isinstance(decoded, EncodedImage):  # every draw first, then one decode at the scale they allow
+            plans = self.plans(rng, decoded.height, decoded.width, self.channels)
+            factor = dct_factor(decoded.ext, ((min(p.box[2:]), p.size) for p in plans))
+            img = decode_pixels(decoded, self.channels, factor)
+        else:
+            plans, factor, img = self.plans(rng, *decoded.shape), 1, decoded
+        views = [render(img, p, factor) for p in plans]
         if len(views) == 1:
             return {"image": views[0]}
         out = {"view1": views[0], "view2": views[1]}
-        if self.local_crops:  # after the global views: those keep their bytes
-            blur_p, solarize_p = self.view_probs[0]
-            out["local"] = np.stack([self.view(decoded, rng, blur_p, solarize_p, local=True)
-                                     for _ in range(self.local_crops)])  # [K, S, S, C]
+        if self.local_crops:
+            out["local"] = np.stack(views[2:])  # [K, S, S, C]
         return out
+
+    def eval_pixels(self, decoded: Any) -> np.ndarray:
+        """The eval view's pixels: a JPEG at the largest DCT scale-down whose shorter side still covers the resize."""
+        if not isinstance(decoded, EncodedImage):
+            return decoded
+        factor = dct_factor(decoded.ext, [(min(decoded.height, decoded.width), eval_short_side(self.size, self.eval_crop))])
+        return decode_pixels(decoded, self.channels, factor)
 
     def blank(self, train: bool) -> Sample:
         """Zero arrays shaped like `sample`'s."""

@@ -12,11 +12,9 @@ import signal
 from dataclasses import dataclass
 from typing import Mapping
 
-import numpy as np
-
 from selfsup.pipeline.batch import FeedSpec
 from selfsup.pipeline.modalities import MODALITIES
-from selfsup.pipeline.modalities.image import ImageModality
+from selfsup.pipeline.modalities.image import EncodedImage, ImageModality
 
 NAME = "poison-image"
 
@@ -25,7 +23,7 @@ NAME = "poison-image"
 class PoisonImage(ImageModality):
     """The image modality, except that a sample with a `kill` member kills the process decoding it."""
 
-    def decode(self, members: Mapping[str, bytes]) -> np.ndarray:
+    def decode(self, members: Mapping[str, bytes]) -> EncodedImage:
         if "kill" in members:
             os.kill(os.getpid(), signal.SIGKILL)
         return super().decode(members)

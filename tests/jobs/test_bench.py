@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from tests.conftest import PHOTOS, run_cli
 
-FIGURES = ("kernel", "selfsup", "dataloader", "ray_data", "torchvision_default")
+FIGURES = ("kernel", "best_library", "selfsup", "dataloader", "ray_data", "torchvision_default")
 RATIOS = ("efficiency", "vs_dataloader", "vs_ray_data", "vs_torchvision_default")
 
 
@@ -21,6 +22,8 @@ def test_bench_pipeline_image_json(tmp_path):
     for key in FIGURES + RATIOS:
         assert isinstance(result[key], float) and result[key] > 0, (key, result[key])
     assert result["efficiency"] == pytest.approx(result["selfsup"] / result["kernel"])
+    per_cpu = result["samples_per_cpu_s"]  # rounded to 0.1
+    assert result["vs_best_library"] == pytest.approx(per_cpu["kernel"] / per_cpu["best_library"], rel=0.05)
     assert result["vs_dataloader"] == pytest.approx(result["selfsup"] / result["dataloader"])
     assert 0 <= result["stall_pct"] <= 100
     assert 0 < result["ttfb_warm_s"] < 60 and 0 < result["ttfb_cold_s"] < 120  # fresh actors start, then warm
@@ -28,7 +31,25 @@ def test_bench_pipeline_image_json(tmp_path):
     assert set(result["floors"]) == set(RATIOS)
     for floor in result["floors"].values():
         assert floor["pass"] == (floor["value"] >= floor["floor"])
-    assert "efficiency" in proc.stderr and "samples/s" in proc.stderr
+    assert "efficiency" in proc.stderr and "samples/s" in proc.stderr and "vs_best_library" in proc.stderr
+
+
+@pytest.mark.parametrize("recipe", ["simclr", "byol"])
+def test_best_library_variant_makes_the_kernels_shapes_and_dtypes(recipe):
+    from selfsup.jobs.bench.best_library import ImageAlbumentations, skip_line
+    from selfsup.pipeline.modalities import make_modality
+
+    data = sorted(PHOTOS.glob("*.jpg"))[0].read_bytes()
+    args = {"size": 64, "recipe": recipe}
+    ours = make_modality("image", **args)
+    want = ours.sample(ours.decode({"jpg": data}), np.random.default_rng(0), True)
+    library = ImageAlbumentations(args)
+    got, again = library(data), library(data)
+    assert {k: (v.shape, v.dtype) for k, v in got.items()} == {k: (v.shape, v.dtype) for k, v in want.items()}
+    assert got["view1"].tobytes() != again["view1"].tobytes()  # random views, drawn anew per call
+    assert skip_line("image") is None and "images only" in str(skip_line("audio"))
+    with pytest.raises(ValueError, match="recipe='single'"):
+        ImageAlbumentations({"size": 64, "recipe": "single"})
 
 
 @pytest.mark.parametrize("flags, named", [(["--ranks", "3"], "--streams-per-node 2 and --ranks 3"),
