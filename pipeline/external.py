@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from selfsup.pipeline import manifest, storage
 from selfsup.pipeline.media import extensions_of
 from selfsup.pipeline.modalities import DecodeError, make_modality
+from selfsup.pipeline.modalities.base import check_decodes
 from selfsup.pipeline.tarindex import ShardIndex, index_tar, members_from_range
 
 EXTERNAL_DIR = "_external"  # indexes of added tars whose own folder cannot take one
@@ -95,7 +96,7 @@ def check_samples(url: str, index: ShardIndex, data: bytes, modality: str) -> No
                              "every sample holds its media")
     (first, sample), = members_from_range(index, 0, 1, data[index.starts[0]: index.ends[0]])
     try:
-        make_modality(modality).decode(sample)
+        check_decodes(make_modality(modality), sample)
     except DecodeError as e:
         raise ValueError(f"{storage.redact_url(url)}: its first sample {first!r} does not decode as {modality} "
                          f"({e}); check --modality") from None

@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from selfsup.pipeline import ledger, manifest, storage
 from selfsup.pipeline.modalities import DecodeError, MODALITIES, make_modality
+from selfsup.pipeline.modalities.base import check_decodes
 from selfsup.pipeline.seeding import rng_for
 from selfsup.pipeline.sources.base import DEFAULT_MAX_ITEM_BYTES, Item, disambiguated_key, item_name, with_label
 from selfsup.pipeline.tarindex import ShardIndex, index_tar
@@ -146,7 +147,7 @@ def encode_item(job: ShardJob, item: Item, validator: Any) -> dict[str, bytes]:
     if job.transform is not None:
         members = job.transform(members)
     if validator is not None:
-        validator.decode(members)
+        check_decodes(validator, members)
     return with_label(members, item, job.label_names)
 
 

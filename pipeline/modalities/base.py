@@ -58,6 +58,13 @@ class Modality(Protocol):
         """How many leading tokens hold real signal (all of them, except for padded audio)."""
 
 
+def check_decodes(modality: Modality, members: Mapping[str, bytes]) -> None:
+    """DecodeError unless the sample's media decodes: the modality's `check` where it has one (a modality
+    whose `decode` is lazy, like images', decodes the pixels there), else its `decode`. What writers run."""
+    check = getattr(modality, "check", None)
+    (check or modality.decode)(members)
+
+
 def float_pair(value: Sequence[float], name: str) -> tuple[float, float]:
     """A (low, high)-style argument as two floats; raises ValueError naming `name` otherwise."""
     if len(value) != 2:

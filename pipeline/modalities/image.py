@@ -251,6 +251,12 @@ class ImageModality:
         ext, data = media_member(members, self.extensions, self.name)
         return check_image(ext, data, self.max_pixels)
 
+    def check(self, members: Mapping[str, bytes]) -> None:
+        """`decode`, then the pixels too (a JPEG at 1/8: libjpeg still reads its whole entropy-coded stream),
+        so that `shards write` refuses an image that would only fail in training."""
+        encoded = self.decode(members)
+        decode_pixels(encoded, 1, 8 if encoded.ext in ("jpg", "jpeg") else 1)
+
     def plan(self, rng: np.random.Generator, h: int, w: int, channels: int, blur_p: float, solarize_p: float,
              local: bool = False) -> ViewPlan:
         """One view's draws from `rng` for an h×w image (a local crop's when `local`); no pixel needed."""

@@ -12,6 +12,7 @@ import threading
 import time
 
 import numpy as np
+import cv2
 import pytest
 import soundfile
 
@@ -37,6 +38,11 @@ def add_bad_files(root):
     (root / "street" / "junk.jpg").write_bytes(os.urandom(5000))
     data = (sorted(PHOTOS.glob("*.jpg"))[20]).read_bytes()
     (root / "square" / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    # whole, with a valid header and IEND, but its pixel data zeroed: only decoding the pixels finds it
+    ok, png = cv2.imencode(".png", cv2.imread(str(sorted(PHOTOS.glob("*.jpg"))[21])))
+    broken = bytearray(png.tobytes())
+    broken[len(broken) // 3: len(broken) // 3 + 2000] = bytes(2000)
+    (root / "street" / "zeroed.png").write_bytes(bytes(broken))
 
 
 def read_all(dest):
@@ -93,8 +99,9 @@ def test_corrupt_inputs_are_skipped_and_listed_or_fatal_with_strict(photo_folder
     dest = str(tmp_path / "ds")
     res = run_cli("shards", "write", str(root), dest, "--modality", "image", "--samples-per-shard", "100", "--quiet")
     assert res.returncode == 0, res.stderr
-    assert "2 unreadable source file(s) skipped" in res.stdout
+    assert "3 unreadable source file(s) skipped" in res.stdout
     assert "junk.jpg" in res.stdout and "truncated.jpg" in res.stdout and "truncated JPEG" in res.stdout
+    assert "zeroed.png" in res.stdout and "could not decode" in res.stdout
     assert sum(r["n_samples"] for r in manifest.read_manifest(dest)) == 12
     strict = run_cli("shards", "write", str(root), str(tmp_path / "ds2"), "--modality", "image", "--strict", "--quiet")
     assert strict.returncode != 0
