@@ -105,7 +105,7 @@ QUICK = {
     "audio": DemoPlan("fsdd", "fsdd", "audio", "quality/audio", PLANS["audio"].splits,
                       overrides=[*QUICK_ONCE, "objective.backbone_args.width=16", "objective.backbone_args.out_dim=512",
                                  "data.batch_size=32", "train.warmup_steps=10", "train.steps=2000"],
-                      eval_minutes=1.5, more_sets=PLANS["audio"].more_sets, extra_eval=PLANS["audio"].extra_eval),
+                      eval_minutes=2.5, more_sets=PLANS["audio"].more_sets, extra_eval=PLANS["audio"].extra_eval),
     "video": DemoPlan("fashion-mnist", "moving-fashion-mnist-quick", "video", "quality/video",
                       moving_splits(2000, 1000),
         targets=["motion", "cls"], eval_minutes=1.5,
