@@ -23,6 +23,7 @@ global views, so view1/view2 are the same bytes with or without them. K=0 (the d
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
@@ -77,6 +78,12 @@ def resize(img: np.ndarray, size: int, source_side: Optional[int] = None) -> np.
     return out[:, :, None] if out.ndim == 2 else out
 
 
+def hflip(img: np.ndarray) -> np.ndarray:
+    """Mirrored left-right, contiguous (cv2.flip: a numpy [:, ::-1] copy costs ~40x more)."""
+    out = cv2.flip(img, 1)
+    return out[:, :, None] if out.ndim == 2 else out
+
+
 def eval_short_side(size: int, crop_fraction: float) -> int:
     """The shorter side the eval view resizes an image to before its centre crop."""
     return max(size, int(round(size / crop_fraction)))
@@ -120,11 +127,19 @@ def _saturation(img: np.ndarray, f: float) -> np.ndarray:
     return cv2.addWeighted(img, f, gray, 1 - f, 0)
 
 
+@functools.lru_cache(maxsize=None)
+def _hue_table(shift: int) -> np.ndarray:
+    """uint8 [256, 1, 3]: H (OpenCV's 0..179) + shift mod 180 on channel 0, S and V unchanged."""
+    ramp = np.arange(256)
+    table = np.repeat(ramp[:, None, None], 3, axis=2)
+    table[:180, 0, 0] = (ramp[:180] + shift) % 180
+    return table.astype(np.uint8)
+
+
 def _hue(img: np.ndarray, h: float) -> np.ndarray:
-    shift = int(round(h * 180))
+    """Hue rotated by h turns: H + round(180 h) mod 180 in OpenCV's 8-bit HSV, the shift as one 3-channel LUT."""
     hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
-    hsv[:, :, 0] = ((hsv[:, :, 0].astype(np.int16) + shift) % 180).astype(np.uint8)
-    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    return cv2.cvtColor(cv2.LUT(hsv, _hue_table(int(round(h * 180)))), cv2.COLOR_HSV2RGB)
 
 
 JITTER_OPS = (_brightness, _contrast, _saturation, _hue)  # indexed by the op number jitter_draws gives
@@ -158,9 +173,18 @@ def grayscale(img: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(_gray(img), cv2.COLOR_GRAY2RGB)
 
 
+def blur_taps(side: int, sigma: float) -> int:
+    """The Gaussian's taps: about 10% of the image side, cut to radius ceil(4 sigma) where that is fewer.
+
+    OpenCV blurs uint8 with fixed-point weights in which every tap beyond 4 sigma is 0, so the cut
+    kernel gives the same bytes as the 10% one (tests/pipeline/test_image_ops.py checks), for less work.
+    """
+    return min(max(3, int(0.1 * side) | 1), max(3, 2 * math.ceil(4 * sigma) + 1))
+
+
 def blur(img: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian blur with a kernel of about 10% of the image side."""
-    k = max(3, int(0.1 * img.shape[0]) | 1)
+    """Gaussian blur with a kernel of about 10% of the image side (cut where its taps are 0: `blur_taps`)."""
+    k = blur_taps(img.shape[0], sigma)
     out = cv2.GaussianBlur(img, (k, k), sigma)
     return out[:, :, None] if out.ndim == 2 else out
 
@@ -205,16 +229,19 @@ def render(img: np.ndarray, plan: ViewPlan, factor: int = 1) -> np.ndarray:
     """The view `plan` draws, from pixels uint8 [H', W', C] decoded at 1/factor: uint8 [size, size, C]."""
     top, left, ch, cw = reduced_box(plan.box, factor, img.shape)
     out = resize(img[top: top + ch, left: left + cw], plan.size, min(plan.box[2:]))
+    channels = out.shape[2]
     if plan.flip:
-        out = out[:, ::-1]
+        out = hflip(out)
     if plan.jitter is not None:
-        out = apply_jitter(np.ascontiguousarray(out), plan.jitter)
-    if plan.gray:
-        out = grayscale(out)
+        out = apply_jitter(out, plan.jitter)
+    if plan.gray:  # one channel until the end: the same bytes in each, a third of the blur and LUT work
+        out = _gray(out)[:, :, None]
     if plan.sigma is not None:
-        out = blur(np.ascontiguousarray(out), plan.sigma)
+        out = blur(out, plan.sigma)
     if plan.solarize:
         out = solarize(out)
+    if out.shape[2] != channels:
+        out = cv2.cvtColor(out[:, :, 0], cv2.COLOR_GRAY2RGB)
     return np.ascontiguousarray(out)
 
 
