@@ -94,8 +94,9 @@ def mad(a: np.ndarray, b: np.ndarray) -> float:
 def test_reduced_views_differ_from_full_decode_views_by_resampling_error_only() -> None:
     """On views whose decode was reduced (1/2, 1/4), against the full decode's views of the same seeds.
 
-    Measured here (pinned OpenCV): simclr views 1.45 grey levels mean MAD (max 3.2, 48 views); geometry
-    only (single) 2.8, while moving the full decode's box by one full-scale pixel alone makes 6.5.
+    Measured here (pinned OpenCV): simclr views 2.0 grey levels mean MAD (max 3.4, 48 views); geometry
+    only (single) 3.6, while moving the full decode's box by one full-scale pixel alone makes 6.5. (With one
+    INTER_AREA per view, before `resize` took 2x halvings then bilinear, they were 1.45 and 2.8.)
     Per-channel means within 0.03 and stds within 0.08 of a level (the stds are about 50-70).
     """
     pairs = reduced_samples({"recipe": "simclr"}, 4)
