@@ -72,7 +72,7 @@ class BenchOptions:
     samples: Optional[int] = None    # samples per epoch
     batch_size: Optional[int] = None
     size: Optional[int] = None       # view side in pixels (not audio)
-    recipe: str = "simclr"           # image views: simclr | byol
+    recipe: str = "simclr"           # image views: simclr | byol | single (one view)
     repeats: int = 3                 # runs per variant; figures are medians
     prefetch: int = 2                # BatchFeed requests in flight per stream
     variants: str = ",".join(VARIANTS)

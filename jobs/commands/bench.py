@@ -23,7 +23,9 @@ def add_parser(sub: Any) -> None:
                                                "the source files are repeated when there are fewer)")
     b.add_argument("--batch-size", type=int, help="default: image 64, audio 128, video 4")
     b.add_argument("--size", type=int, help="view side in pixels (default: image 224, video 112; not audio)")
-    b.add_argument("--recipe", choices=["simclr", "byol"], default="simclr", help="image views (default simclr)")
+    b.add_argument("--recipe", choices=["simclr", "byol", "single"], default="simclr",
+                   help="image views (default simclr); single: one view, as MAE reads it (its mask not "
+                        "included), with --variants kernel,selfsup")
     b.add_argument("--repeats", type=int, default=3, help="runs per variant; figures are medians (default 3)")
     b.add_argument("--prefetch", type=int, default=2, help="BatchFeed requests in flight per stream (default 2)")
     b.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
