@@ -22,7 +22,8 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 
 from selfsup.pipeline.media import EXTENSIONS
-from selfsup.pipeline.modalities.image import ImageModality
+from selfsup.pipeline.modalities.base import media_member
+from selfsup.pipeline.modalities.image import ImageModality, blur_kernel
 
 INSTALL = "pip install -c constraints.txt -e '.[bench]'"
 
@@ -53,7 +54,7 @@ class ImageAlbumentations:
         if m.channels != 3 or m.recipe == "single":
             raise ValueError(f"best_library makes the two-view RGB recipe; got channels={m.channels}, "
                              f"recipe={m.recipe!r}: use channels=3 and recipe simclr or byol")
-        kernel = max(3, int(0.1 * m.size) | 1)  # as the modality's gaussian_blur
+        kernel = blur_kernel(m.size)  # the modality's
         b, c, s, h = m.jitter
         self.views: list[Callable[..., Any]] = []
         for i, (blur_p, solarize_p) in enumerate(m.view_probs):
@@ -80,11 +81,6 @@ class ImageAlbumentations:
         return {f"view{i + 1}": view(image=img)["image"] for i, view in enumerate(self.views)}
 
 
-def media_bytes(members: Mapping[str, bytes]) -> bytes:
-    """The sample's image member."""
-    return next(members[e] for e in EXTENSIONS["image"] if e in members)
-
-
 def best_library_runner(spec: Any, wanted: bool, log: Callable[[str], None]
                         ) -> Optional[Callable[[Any], tuple[int, dict[str, float]]]]:
     """`run_best_library` for this spec, or None (saying why, when `wanted`) where it cannot run."""
@@ -98,12 +94,10 @@ def best_library_runner(spec: Any, wanted: bool, log: Callable[[str], None]
 
 def run_best_library(spec: Any, clock: Any) -> tuple[int, dict[str, float]]:
     """The albumentations recipe over every sample in this process; bytes are read before the clock starts."""
-    from selfsup.pipeline.batch import BatchMaker
+    from selfsup.jobs.bench.pipeline import read_rows
 
     transform = ImageAlbumentations(spec.modality_args, spec.seed)
-    maker = BatchMaker(spec)
-    data = [media_bytes(members) for s, ref in enumerate(spec.snapshot.shards)
-            for _, members in maker.read(s, 0, ref.n_samples)]
+    data = [media_member(members, EXTENSIONS["image"], "image")[1] for _, _, members in read_rows(spec)[1]]
     clock.start()
     for d in data:
         transform(d)

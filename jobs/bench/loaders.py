@@ -24,7 +24,7 @@ import numpy as np
 
 from selfsup.pipeline.modalities import Modality, make_modality
 from selfsup.pipeline.modalities.audio import AudioModality
-from selfsup.pipeline.modalities.image import ImageModality
+from selfsup.pipeline.modalities.image import ImageModality, blur_kernel
 from selfsup.pipeline.modalities.video import VideoModality
 from selfsup.pipeline.seeding import sample_rng
 
@@ -227,7 +227,7 @@ class ImageTVDefault:
             from torchvision.transforms import v2
 
             m = ImageModality(**self.args)
-            kernel = max(3, int(0.1 * m.size) | 1)  # as the modality's gaussian_blur
+            kernel = blur_kernel(m.size)  # the modality's
             self._views = []
             for blur_p, solarize_p in m.view_probs:
                 ops = [v2.RandomResizedCrop(m.size, scale=m.scale, antialias=True), v2.RandomHorizontalFlip(),

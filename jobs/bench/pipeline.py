@@ -175,13 +175,19 @@ def modality_args(modality: str, size: Optional[int], recipe: str) -> dict[str, 
     return {"output": "logmel"}
 
 
-def run_kernel(spec: Any, clock: Any) -> tuple[int, dict[str, float]]:
-    """decode + views of every sample in this process; bytes are read before the clock starts."""
+def read_rows(spec: Any) -> tuple[Any, list[tuple[int, str, dict[str, bytes]]]]:
+    """A BatchMaker for `spec` and every sample of its snapshot as (shard, key, members), read into memory:
+    what the one-process variants time without I/O."""
     from selfsup.pipeline.batch import BatchMaker
 
     maker = BatchMaker(spec)
-    rows = [(s, key, members) for s, ref in enumerate(spec.snapshot.shards)
-            for key, members in maker.read(s, 0, ref.n_samples)]
+    return maker, [(s, key, members) for s, ref in enumerate(spec.snapshot.shards)
+                   for key, members in maker.read(s, 0, ref.n_samples)]
+
+
+def run_kernel(spec: Any, clock: Any) -> tuple[int, dict[str, float]]:
+    """decode + views of every sample in this process; bytes are read before the clock starts."""
+    maker, rows = read_rows(spec)
     clock.start()
     for slot, (shard, key, members) in enumerate(rows):
         maker.sample(0, shard, key, members, slot)

@@ -34,8 +34,8 @@ import numpy as np
 from selfsup.pipeline.media import EXTENSIONS
 from selfsup.pipeline.modalities import MODALITIES
 from selfsup.pipeline.modalities.base import Sample, float_pair, media_member
-from selfsup.pipeline.modalities.image_decode import (  # noqa: F401 (check_complete, decode_image, image_size: API)
-    EncodedImage, check_complete, check_image, dct_factor, decode_image, decode_pixels, image_size, reduced_box)
+from selfsup.pipeline.modalities.image_decode import (  # noqa: F401 (decode_image: API)
+    EncodedImage, check_image, dct_factor, decode_image, decode_pixels, reduced_box)
 
 cv2.setNumThreads(1)
 
@@ -165,11 +165,6 @@ def apply_jitter(img: np.ndarray, draws: Sequence[tuple[int, float]]) -> np.ndar
     return img
 
 
-def color_jitter(img: np.ndarray, rng: np.random.Generator, b: float, c: float, s: float, h: float) -> np.ndarray:
-    """Brightness, contrast, saturation and hue jitter in a random order (torchvision's semantics)."""
-    return apply_jitter(img, jitter_draws(rng, b, c, s, h, img.shape[2]))
-
-
 def grayscale(img: np.ndarray) -> np.ndarray:
     """Gray with the same number of channels."""
     if img.shape[2] == 1:
@@ -177,13 +172,19 @@ def grayscale(img: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(_gray(img), cv2.COLOR_GRAY2RGB)
 
 
+def blur_kernel(side: int) -> int:
+    """The recipe's Gaussian kernel: about 10% of the image side, odd, at least 3 (SimCLR's); the bench's
+    library variants use it too."""
+    return max(3, int(0.1 * side) | 1)
+
+
 def blur_taps(side: int, sigma: float) -> int:
-    """The Gaussian's taps: about 10% of the image side, cut to radius ceil(4 sigma) where that is fewer.
+    """The Gaussian's taps: `blur_kernel`, cut to radius ceil(4 sigma) where that is fewer.
 
     OpenCV blurs uint8 with fixed-point weights in which every tap beyond 4 sigma is 0, so the cut
     kernel gives the same bytes as the 10% one (tests/pipeline/test_image_ops.py checks), for less work.
     """
-    return min(max(3, int(0.1 * side) | 1), max(3, 2 * math.ceil(4 * sigma) + 1))
+    return min(blur_kernel(side), max(3, 2 * math.ceil(4 * sigma) + 1))
 
 
 def blur(img: np.ndarray, sigma: float) -> np.ndarray:
@@ -191,11 +192,6 @@ def blur(img: np.ndarray, sigma: float) -> np.ndarray:
     k = blur_taps(img.shape[0], sigma)
     out = cv2.GaussianBlur(img, (k, k), sigma)
     return out[:, :, None] if out.ndim == 2 else out
-
-
-def gaussian_blur(img: np.ndarray, rng: np.random.Generator, sigma: tuple[float, float]) -> np.ndarray:
-    """Blur with a kernel of about 10% of the image side and a random sigma."""
-    return blur(img, rng.uniform(*sigma))
 
 
 def solarize(img: np.ndarray, threshold: int = 128) -> np.ndarray:
