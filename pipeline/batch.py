@@ -192,13 +192,13 @@ class BatchMaker:
     def sample(self, epoch: int, shard: int, key: str, members: Mapping[str, bytes], slot: int) -> Sample:
         """One sample's arrays (views, mask); raises on decode failure."""
         url = self.spec.snapshot.shards[shard].url
-        rng = sample_rng(self.spec.seed, epoch, url, key)
-        with self.reads.decode():
+        with self.reads.decode():  # the kernel's work: counted apart from reads and batch assembly
+            rng = sample_rng(self.spec.seed, epoch, url, key)
             out = self.modality.sample(self.modality.decode(members), rng, self.spec.train)
-        if self.spec.mask is not None and self.grid is not None:  # both or neither
-            mrng = sample_rng(self.spec.seed, epoch, url, key, "mask")
-            valid = self.modality.valid_tokens(out, self.spec.mask["geometry"])
-            out["mask"] = make_mask(self.spec.mask, self.grid, mrng, valid=valid)
+            if self.spec.mask is not None and self.grid is not None:  # both or neither
+                mrng = sample_rng(self.spec.seed, epoch, url, key, "mask")
+                valid = self.modality.valid_tokens(out, self.spec.mask["geometry"])
+                out["mask"] = make_mask(self.spec.mask, self.grid, mrng, valid=valid)
         return out
 
     def keys(self, epoch: int, i: int) -> list[tuple[str, str]]:
@@ -232,24 +232,26 @@ class BatchMaker:
         plan = self.spec.plan(epoch)
         segments = plan.batch(i)
         rows: list[tuple[int, int, str, dict[str, bytes]]] = []  # shard, position, key, members
-        samples: list[Optional[Sample]] = []
+        out = BatchRows(self.spec.batch_size)  # each sample's arrays go into their row as soon as made
         errors: dict[int, str] = {}  # slot: why its sample is quarantined
         with ordered_reads(self.read_within_limit, segments, self.read_concurrency) as reads:
             for (shard, lo, hi), read in zip(segments, reads):
                 for pos, (key, members, why) in zip(range(lo, hi), read):
                     sample, error = self._try_sample(epoch, (shard, key, members, why), len(rows), killers)
-                    if error is not None:
-                        errors[len(rows)] = error
+                    if sample is None:
+                        errors[len(rows)] = error or "no sample"
+                    else:
+                        out.put(len(rows), sample, key)
                     rows.append((shard, pos, key, members))
-                    samples.append(sample)
+                    del sample  # its arrays are in the batch now: the allocator reuses them for the next
         n_valid = int(plan.valid[i])
         quarantine = []
         for slot in sorted(errors):
             shard, pos, key, _ = rows[slot]
-            samples[slot] = self._replacement(epoch, rows, samples, slot)
+            self._replace(out, epoch, key, len(rows), slot)
             quarantine.append({"shard": self.spec.snapshot.shards[shard].url, "key": key, "epoch": epoch,
                                "position": pos, "error": errors[slot][:500]})
-        return self._stack(epoch, i, rows, samples, sorted(errors), n_valid, quarantine)
+        return self._finish(epoch, i, rows, out, sorted(errors), n_valid, quarantine)
 
     def _try_sample(self, epoch: int, read: tuple[int, str, dict[str, bytes], Optional[str]], slot: int,
                     killers: AbstractSet[tuple[str, str]]) -> tuple[Optional[Sample], Optional[str]]:
@@ -268,31 +270,39 @@ class BatchMaker:
                 raise SampleDecodeError(f"{storage.redact_url(url)} sample {key}: {type(e).__name__}: {e}") from e
             return None, f"{type(e).__name__}: {e}"
 
-    def _replacement(self, epoch: int, rows: list[tuple[int, int, str, dict[str, bytes]]],
-                     samples: list[Optional[Sample]], slot: int) -> Sample:
-        """The sample at a stable-hash position of the same micro-batch fills a bad slot."""
-        key = rows[slot][2]
+    def _replace(self, out: "BatchRows", epoch: int, key: str, n_rows: int, slot: int) -> None:
+        """Fill bad row `slot` (sample `key`) from a stable-hash row of the same micro-batch that holds a
+        sample (one made, or a replacement already filled in); the first such row after 16 misses; else blank."""
         for attempt in range(MAX_REPLACEMENT_ATTEMPTS):
-            j = stable_hash(self.spec.seed, epoch, key, attempt) % len(rows)
-            found = samples[j]
-            if found is not None:
-                return {k: v.copy() for k, v in found.items()}
-        good = [s for s in samples if s is not None]
-        if good:
-            return {k: v.copy() for k, v in good[0].items()}
-        return self.modality.blank(self.spec.train) | (
-            {"mask": np.zeros(int(np.prod(self.grid)), bool)} if self.grid else {})
+            j = stable_hash(self.spec.seed, epoch, key, attempt) % n_rows
+            if out.filled[j]:
+                out.copy_row(j, slot)
+                return
+        good = np.flatnonzero(out.filled[:n_rows])
+        if len(good):
+            out.copy_row(int(good[0]), slot)
+        else:
+            out.put(slot, self._blank(), key)
 
-    def _stack(self, epoch: int, i: int, rows: list, samples: list, bad: list[int], n_valid: int,
-               quarantine: list) -> dict[str, Any]:
+    def _blank(self) -> Sample:
+        """A padding row: the modality's zero arrays (and an all-false mask)."""
+        blank = self.modality.blank(self.spec.train)
+        if self.grid is not None:
+            blank["mask"] = np.zeros(int(np.prod(self.grid)), bool)
+        return blank
+
+    def _finish(self, epoch: int, i: int, rows: list, out: "BatchRows", bad: list[int], n_valid: int,
+                quarantine: list) -> dict[str, Any]:
+        """The batch dict: the rows' arrays (padding rows blank), then the per-row bookkeeping fields."""
         size = self.spec.batch_size
         pad = size - len(rows)
-        if pad:
-            blank = self.modality.blank(self.spec.train)
-            if self.grid is not None:
-                blank["mask"] = np.zeros(int(np.prod(self.grid)), bool)
-            samples = samples + [blank] * pad
-        batch: dict[str, Any] = stack_rows(samples)
+        if pad or out.fields is None:
+            blank = self._blank()
+            for j in range(len(rows), size):
+                out.put(j, blank, "(padding)")
+            if out.fields is None:  # no row at all
+                out.put(0, blank, "(padding)")
+        batch: dict[str, Any] = dict(out.fields or {})
         snapshot = self.spec.snapshot
         batch["key"] = np.array([r[2] for r in rows] + [""] * pad)
         batch["shard"] = np.array([snapshot.shards[r[0]].url for r in rows] + [""] * pad)
@@ -309,23 +319,53 @@ class BatchMaker:
         return batch
 
 
-def stack_rows(samples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Each field of `samples` as one preallocated, contiguous [B, ...] array, row j copied from sample j.
+class BatchRows:
+    """A micro-batch's fixed-shape fields, each one preallocated contiguous [B, ...] array, written row
+    by row as samples are made (no list of samples held, no stacking copy at the end).
 
-    The bytes np.stack gives, without its per-field list of expanded views; a field whose rows
-    differ in shape or dtype goes through np.stack itself, so its promotion and its error stay.
+    The bytes np.stack of the rows gives: a field is allocated at its first row's shape and dtype, and
+    a later row of a wider dtype widens it (np.stack's promotion); a row of another shape or with
+    other fields raises ValueError naming the row, as np.stack would raise for the batch.
     """
-    out: dict[str, np.ndarray] = {}
-    for k, first in samples[0].items():
-        rows = np.empty((len(samples), *np.shape(first)), np.asarray(first).dtype)  # [B, ...]
-        for j, s in enumerate(samples):
-            v = s[k]
-            if np.shape(v) != rows.shape[1:] or np.asarray(v).dtype != rows.dtype:
-                rows = np.stack([s[k] for s in samples])
-                break
-            rows[j] = v
-        out[k] = rows
-    return out
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.fields: Optional[dict[str, np.ndarray]] = None
+        self.filled = np.zeros(size, bool)  # rows holding a sample (made or copied), not padding
+
+    def put(self, j: int, sample: Mapping[str, Any], key: str) -> None:
+        """Write `sample`'s arrays into row j (`key` names it in errors)."""
+        if self.fields is None:
+            self.fields = {k: np.empty((self.size, *np.shape(v)), np.asarray(v).dtype) for k, v in sample.items()}
+        if sample.keys() != self.fields.keys():
+            raise ValueError(f"sample {key} has fields {sorted(sample)}, the batch's other rows "
+                             f"{sorted(self.fields)}: a modality's samples (and its blank) must all have the same fields")
+        for k, v in sample.items():
+            dst = self.fields[k]
+            v = np.asarray(v)
+            if v.shape != dst.shape[1:]:
+                raise ValueError(f"all input arrays must have the same shape: field {k!r} of sample {key} is "
+                                 f"{v.shape}, the batch's other rows {dst.shape[1:]}")
+            if v.dtype != dst.dtype:
+                wider = np.result_type(dst.dtype, v.dtype)
+                if wider != dst.dtype:
+                    dst = self.fields[k] = dst.astype(wider)
+            dst[j] = v
+        self.filled[j] = True
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Row `src`'s arrays into row `dst` (a quarantined row's replacement)."""
+        for v in (self.fields or {}).values():
+            v[dst] = v[src]
+        self.filled[dst] = True
+
+
+def stack_rows(samples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Each field of `samples` as one contiguous [B, ...] array (BatchRows): np.stack's bytes and promotion."""
+    out = BatchRows(len(samples))
+    for j, sample in enumerate(samples):
+        out.put(j, sample, f"row {j}")
+    return out.fields or {}
 
 
 def row_fields(snapshot: Snapshot, rows: list, pad: int, bad: list[int]) -> dict[str, np.ndarray]:

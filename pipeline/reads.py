@@ -46,7 +46,7 @@ class ReadCounter:
         self._lock = threading.Lock()
         self.reads = self.bytes = self.in_flight = self.max_in_flight = self.overlapped = 0
         self.decoding = self.decodes = 0  # samples being decoded now; decodes begun so far
-        self.seconds = 0.0
+        self.seconds = self.decode_cpu_s = 0.0  # seconds reading; CPU seconds of the decoding threads
 
     def begin(self) -> tuple[float, int]:
         """A read begins: returns the token `end` takes."""
@@ -70,13 +70,19 @@ class ReadCounter:
         with self._lock:
             self.decoding += 1
             self.decodes += 1
+        t0 = time.thread_time()
         try:
             yield
         finally:
+            cpu = time.thread_time() - t0
             with self._lock:
                 self.decoding -= 1
+                self.decode_cpu_s += cpu
 
     def stats(self) -> dict[str, float]:
-        """The counts so far (JSON-ready)."""
+        """The counts so far (JSON-ready), with the CPU seconds spent decoding (`decode_cpu_s`: samples'
+        decode and views, the kernel's work) and by this whole process (`process_cpu_s`): their ratio
+        is the share of a stream's CPU that goes to the kernel, whatever share of the machine it got."""
         return {"reads": self.reads, "bytes": self.bytes, "read_s": self.seconds,
-                "max_in_flight": self.max_in_flight, "overlapped_decode": self.overlapped}
+                "max_in_flight": self.max_in_flight, "overlapped_decode": self.overlapped,
+                "decode_cpu_s": self.decode_cpu_s, "process_cpu_s": time.process_time()}

@@ -140,21 +140,24 @@ class RunClock:
     any fault of its own; samples per CPU-second do not depend on that share.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tree: bool = True) -> None:
+        self.tree = tree  # False: count this process alone (a variant run in it; Ray's idle processes are not its)
         self.wall = self.cpu = self.other = 0.0
+        self.per_pid: dict[int, float] = {}  # CPU seconds of each process of the tree in the region
         self._t0, self._busy, self._ours = 0.0, 0.0, {}  # type: tuple[float, float, dict[int, float]]
 
     def start(self) -> None:
         """Start timing (the /proc walk is done before the clock starts)."""
-        self._busy, self._ours = self.sample()
+        self._busy, self._ours = self.sample(self.tree)
         self._t0 = time.perf_counter()
 
     def stop(self) -> float:
         """Stop timing; returns the wall seconds."""
         self.wall = time.perf_counter() - self._t0
-        busy, ours = self.sample()
+        busy, ours = self.sample(self.tree)
         # processes that ended meanwhile drop out (their time is lost unless a parent reaped it)
-        self.cpu = sum(t - self._ours.get(pid, 0.0) for pid, t in ours.items())
+        self.per_pid = {pid: t - self._ours.get(pid, 0.0) for pid, t in ours.items()}
+        self.cpu = sum(self.per_pid.values())
         self.other = max(0.0, busy - self._busy - self.cpu)
         return self.wall
 
@@ -164,9 +167,11 @@ class RunClock:
         return {"cores": self.cpu / wall, "other_cores": self.other / wall}
 
     @staticmethod
-    def sample() -> tuple[float, dict[int, float]]:
-        """(seconds the machine has been busy, {pid: CPU seconds} of this process tree)."""
+    def sample(tree: bool = True) -> tuple[float, dict[int, float]]:
+        """(seconds the machine has been busy, {pid: CPU seconds} of this process tree, or of this process)."""
         busy, children, seconds = proc_table()
+        if not tree:
+            return busy, {os.getpid(): seconds.get(os.getpid(), 0.0)}
         return busy, process_tree(os.getpid(), children, seconds)
 
 

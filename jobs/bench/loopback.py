@@ -30,13 +30,13 @@ def wait_port(port: int, timeout: float = 30.0, alive: Optional[Callable[[], boo
 
 
 @contextmanager
-def serving(argv: list[str], port: int) -> Iterator[None]:
+def serving(argv: list[str], port: int) -> Iterator["subprocess.Popen[bytes]"]:
     """Run the server `argv` (quiet) while the block runs: wait until it listens on 127.0.0.1:port,
-    and stop it by its handle afterwards."""
+    yield its process, and stop it by its handle afterwards."""
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port, alive=lambda: proc.poll() is None)
-        yield
+        yield proc
     finally:
         proc.terminate()
         try:

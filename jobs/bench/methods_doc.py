@@ -81,18 +81,21 @@ def cell_row(r: Mapping[str, Any], cols: list[str], baselines: Mapping[str, Mapp
 def baseline_rows(used: list[Mapping[str, Any]], cols: list[str]) -> list[str]:
     """Random init rows (one per architecture) and raw input rows (one per distinct input view and figures)."""
     rows, raw_seen = [], set()
-    names = [b["backbone"] for b in used]
+    inits: dict[tuple, list[str]] = {}  # (backbone, figures): the architectures (args hashes) that gave them
     for b in used:
-        figs = [f for c in cols for f in (pct(b["random_init"].get(c, {}).get("knn")),
-                                          pct(b["random_init"].get(c, {}).get("linear")), "")]
-        label = "random init" + (f" ({b['arch']})" if names.count(b["backbone"]) > 1 else "")  # other args
-        rows.append("| " + " | ".join([label, "", b["backbone"], "no", "0", "", "", *figs]) + " |")
+        figs = tuple(f for c in cols for f in (pct(b["random_init"].get(c, {}).get("knn")),
+                                               pct(b["random_init"].get(c, {}).get("linear")), ""))
+        inits.setdefault((b["backbone"], figs), []).append(b["arch"])
+    names = [backbone for backbone, _ in inits]
+    for (backbone, figs), archs in inits.items():  # one row per backbone, unless its variants' figures differ
+        label = "random init" + (f" ({', '.join(archs)})" if names.count(backbone) > 1 else "")
+        rows.append("| " + " | ".join([label, "", backbone, "no", "0", "", "", *figs]) + " |")
     for b in used:
-        figs = [f for c in cols for f in (pct(b["raw"].get(c, {}).get("knn")), pct(b["raw"].get(c, {}).get("linear")),
-                                          "")]
-        if (b["view"], tuple(figs)) not in raw_seen:
-            raw_seen.add((b["view"], tuple(figs)))
-            rows.append("| " + " | ".join([f"raw input ({b['view']})", "", "", "no", "", "", "", *figs]) + " |")
+        raw = tuple(f for c in cols for f in (pct(b["raw"].get(c, {}).get("knn")),
+                                              pct(b["raw"].get(c, {}).get("linear")), ""))
+        if (b["view"], raw) not in raw_seen:
+            raw_seen.add((b["view"], raw))
+            rows.append("| " + " | ".join([f"raw input ({b['view']})", "", "", "no", "", "", "", *raw]) + " |")
     return rows
 
 

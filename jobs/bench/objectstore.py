@@ -8,7 +8,9 @@ the local copy and the bucket, --repeats rounds, and the figures are medians: sa
 most in flight at once in one stream (a micro-batch's segment reads run data.read_concurrency at
 a time, mix by default), seconds spent reading, and how many overlapped a decode in that stream. moto on loopback has no network latency but
 costs CPU on the same machine: the ratio is a floor for the pipeline's own overhead of
-object storage, not a forecast for a real bucket.
+object storage, not a forecast for a real bucket. So the server's own CPU is measured too
+(`server_cores`), and `s3_vs_local_per_cpu` compares samples per CPU-second of the pipeline alone
+(its process tree without the server): what reading from a bucket costs the nodes that read it.
 """
 from __future__ import annotations
 
@@ -27,8 +29,9 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret",
 
 
 @contextlib.contextmanager
-def moto_s3() -> Iterator[str]:
-    """An S3 API on 127.0.0.1 (moto, atomic conditional writes) while the block runs; yields its endpoint.
+def moto_s3() -> Iterator[tuple[str, int]]:
+    """An S3 API on 127.0.0.1 (moto, atomic conditional writes) while the block runs; yields its endpoint
+    and the server's process id (its CPU is the bucket's, not the pipeline's).
 
     The AWS settings of this process point at it meanwhile (Ray workers started inside inherit them).
     """
@@ -39,11 +42,11 @@ def moto_s3() -> Iterator[str]:
     try:
         with contextlib.ExitStack() as stack:
             try:
-                stack.enter_context(serving([sys.executable, "-m", "selfsup.jobs.bench.s3server", "127.0.0.1",
-                                             str(port)], port))
+                server = stack.enter_context(serving([sys.executable, "-m", "selfsup.jobs.bench.s3server",
+                                                      "127.0.0.1", str(port)], port))
             except TimeoutError:
                 raise RuntimeError("the moto S3 server did not start (is moto installed? pip install -e .[test])") from None
-            yield endpoint
+            yield endpoint, server.pid
     finally:
         for k, v in saved.items():
             if v is None:
@@ -80,7 +83,7 @@ def bench_storage(args: BenchOptions) -> dict[str, Any]:
     shards = args.streams * -(-SHARDS // args.streams)
     local = prepare_shards(args.modality, source_folder(args.modality, args.data), workdir, samples, shards)
     mod_args = modality_args(args.modality, size, args.recipe)
-    with moto_s3() as endpoint:
+    with moto_s3() as (endpoint, server):
         specs = {"local": FeedSpec(build_snapshot([SourceSpec(local)], args.modality), batch_size, mod_args),
                  "s3": FeedSpec(build_snapshot([SourceSpec(upload(local, endpoint))], args.modality), batch_size,
                                 mod_args)}
@@ -91,7 +94,9 @@ def bench_storage(args: BenchOptions) -> dict[str, Any]:
                 for where, spec in specs.items():
                     clock = L.RunClock()
                     n, extra = run_selfsup(spec, args.streams, args.prefetch, clock)
-                    runs[where].append({"samples_per_s": n / clock.wall, **extra})
+                    served = clock.per_pid.get(server, 0.0)  # moto's CPU (idle during the local runs)
+                    runs[where].append({"samples_per_s": n / clock.wall, **extra, "server_cores": served / clock.wall,
+                                        "per_cpu_s": n / max(1e-9, clock.cpu - served)})
                     log(f"[{r + 1}/{args.repeats}] {where:<6} {n / clock.wall:9.1f} samples/s, "
                         f"reads in flight ≤ {extra['reads_in_flight_max']:.0f} a stream")
         finally:
@@ -113,6 +118,8 @@ def summarize_storage(args: BenchOptions, runs: dict[str, list[dict[str, float]]
     return {"modality": args.modality, "streams": args.streams, "prefetch": args.prefetch, "batch_size": batch_size,
             "size": size, "repeats": args.repeats, "local": fig["local"], "s3": fig["s3"],
             "s3_vs_local": s3 / local if local else None,
+            "s3_vs_local_per_cpu": (fig["s3"]["per_cpu_s"] / fig["local"]["per_cpu_s"]
+                                    if fig["local"]["per_cpu_s"] else None),
             "reads_overlap_decode": any(r["reads_overlapped_decode"] > 0 for rs in runs.values() for r in rs)}
 
 
@@ -129,4 +136,9 @@ def storage_table(result: dict[str, Any]) -> str:
     ratio = result["s3_vs_local"]
     lines.append(f"S3 (moto on 127.0.0.1) / local disk = {'n/a' if ratio is None else f'{ratio:.2f}'} "
                  "(issue 22 asks ≥ 0.8); reads overlap decode: " + ("yes" if result["reads_overlap_decode"] else "no"))
+    per_cpu = result.get("s3_vs_local_per_cpu")
+    if per_cpu is not None:
+        lines.append(f"the moto server itself kept {result['s3']['server_cores']:.2f} of the machine's cores busy "
+                     f"during the S3 runs; per CPU-second of the pipeline alone (server excluded), "
+                     f"S3 / local = {per_cpu:.2f}")
     return "\n".join(lines)

@@ -153,6 +153,9 @@ def test_doc_tables_and_deltas_from_records() -> None:
                        "selfsup bench methods", 5.0, "2 cores")
     assert sorted(r[0] for r in table_rows(again, "random init")) == ["random init (r1)", "random init (r2)"]
     assert table_rows(again, "**byol")[0][9] == "+50.00"  # against its own architecture's init
+    same = format_doc([records[0], {**records[0], "method": "byol", "arch": "r2"}],
+                      [baselines[0], {**baselines[0], "arch": "r2"}], "selfsup bench methods", 5.0, "2 cores")
+    assert [r[0] for r in table_rows(same, "random init")] == ["random init"]  # variants with the same figures: one row
     assert "Start with **s4l** on video (highest mean linear accuracy, and it saw labels)" in text
     assert delta(records[0], {"r1": baselines[0]}, "mfm/nope") is None
 
