@@ -155,7 +155,24 @@ def format_doc(records: Sequence[Mapping[str, Any]], baselines: Sequence[Mapping
         out += modality_section(modality, [r for r in main if r["modality"] == modality], by_arch)
     if plot:
         out += ["## Accuracy against budget (best three per modality)", "", f"![accuracy vs budget]({plot})", ""]
+        out += budget_table(records, budget)
     return "\n".join(out)
+
+
+def budget_table(records: Sequence[Mapping[str, Any]], budget: float) -> list[str]:
+    """The plot's figures: mean linear accuracy (%) and steps of the best three per modality at each budget."""
+    budgets = sorted({r["budget_minutes"] for r in records if r.get("state") == "done"})
+    head = ["modality", "method", *(f"{b:g} min" for b in budgets)]
+    rows = ["The plotted figures: mean linear accuracy over the modality's probe columns, in %, with the steps "
+            "reached (one seed per cell).", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for m in dict.fromkeys(r["modality"] for r in records):
+        for top in best(list(records), m, budget, 3):
+            cells = {r["budget_minutes"]: r for r in records if r.get("state") == "done"
+                     and (r["method"], r["modality"]) == (top["method"], m)}
+            figs = [f"{100 * score(cells[b]):.2f} ({cells[b].get('steps', '-')} steps)" if b in cells else "-"
+                    for b in budgets]
+            rows.append("| " + " | ".join([m, top["method"], *figs]) + " |")
+    return [*rows, ""]
 
 
 def budget_figure(records: Sequence[Mapping[str, Any]], budget: float, path: Path) -> bool:

@@ -76,3 +76,16 @@ def test_bench_pipeline_s3_against_local_with_the_servers_cpu_apart(tmp_path):
     assert s3["server_cores"] > local["server_cores"] >= 0  # moto serves the S3 runs only
     assert result["s3_vs_local_per_cpu"] == pytest.approx(s3["per_cpu_s"] / local["per_cpu_s"])
     assert "S3 (moto on 127.0.0.1) / local disk" in proc.stderr and "server excluded" in proc.stderr
+
+
+def test_bench_growth_reads_a_streams_memory_over_both_epochs_and_after_the_same_work(tmp_path):
+    from selfsup.jobs.bench.growth import GrowthOptions, bench_growth
+
+    result = bench_growth(GrowthOptions(shards=2, per_shard=4, shard_factor=2, sample_factor=2, batch_size=4,
+                                        size=32, data=str(PHOTOS), workdir=str(tmp_path / "grow")))
+    small, big = result["datasets"]
+    assert (small["samples"], big["samples"], result["growth"]) == (8, 32, 4.0)
+    assert small["samples_made"] == 8 and big["samples_made"] == 32
+    assert 0 < small["start_rss_mib"] <= small["peak_rss_mib"] and small["index_cache_entries"] == 2
+    assert big["peak_rss_same_work_mib"] <= big["peak_rss_mib"] and big["index_cache_entries"] == 4
+    assert result["peak_rss_same_work_ratio"] == big["peak_rss_same_work_mib"] / small["peak_rss_mib"]

@@ -83,7 +83,11 @@ def test_budgets_run_the_best_three_at_each_extra_budget(tmp_path: Path, configs
     bench_methods(options(tmp_path, configs, budgets=(1.0, 5.0)), EMPTY_PLAN, runner)
     assert runner.ran[4:] == ["a/image@1", "c/image@1", "d/image@1"]  # b scored lowest; @5 exists already
     assert (tmp_path / "doc" / "methods_budget.png").stat().st_size > 0
-    assert "methods_budget.png" in (tmp_path / "doc" / "methods.md").read_text()
+    doc = (tmp_path / "doc" / "methods.md").read_text()
+    assert "methods_budget.png" in doc
+    figures = {r[1]: r for r in table_rows(doc, "image")}  # the plot's figures, one row per method of the best three
+    assert sorted(figures) == ["a", "c", "d"] and all(len(r) == 4 and "steps" in r[2] and "steps" in r[3]
+                                                      for r in figures.values())
 
 
 @pytest.mark.parametrize("flags, named", [
