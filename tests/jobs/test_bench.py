@@ -79,10 +79,17 @@ def test_bench_pipeline_s3_against_local_with_the_servers_cpu_apart(tmp_path):
 
 
 def test_bench_growth_reads_a_streams_memory_over_both_epochs_and_after_the_same_work(tmp_path):
-    from selfsup.jobs.bench.growth import GrowthOptions, bench_growth
+    import subprocess
+    import sys
 
-    result = bench_growth(GrowthOptions(shards=2, per_shard=4, shard_factor=2, sample_factor=2, batch_size=4,
-                                        size=32, data=str(PHOTOS), workdir=str(tmp_path / "grow")))
+    script = ("import json, sys; from selfsup.jobs.bench.growth import GrowthOptions, bench_growth; "
+              "print(json.dumps(bench_growth(GrowthOptions(shards=2, per_shard=4, shard_factor=2, sample_factor=2, "
+              "batch_size=4, size=32, data=sys.argv[1], workdir=sys.argv[2]))))")
+    proc = subprocess.run([sys.executable, "-c", script, str(PHOTOS), str(tmp_path / "grow")],  # its own Ray
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert "after the same batches" in proc.stderr
     small, big = result["datasets"]
     assert (small["samples"], big["samples"], result["growth"]) == (8, 32, 4.0)
     assert small["samples_made"] == 8 and big["samples_made"] == 32
