@@ -20,6 +20,7 @@ from typing import AbstractSet, Any, Mapping, Optional, Sequence
 import numpy as np
 
 from selfsup.pipeline import storage
+from selfsup.pipeline.buffers import MEMBER_VIEW_BYTES
 from selfsup.pipeline.indexcache import DEFAULT_INDEX_CACHE_BYTES, IndexCache
 from selfsup.pipeline.masking import make_mask
 from selfsup.pipeline.modalities import make_modality
@@ -65,7 +66,7 @@ class FeedSpec:
     on_error: str = "quarantine"
     storage_options: Optional[Mapping[str, Any]] = None
     index_cache_bytes: int = DEFAULT_INDEX_CACHE_BYTES  # shard indexes a maker keeps (not in the hash: same batches)
-    read_concurrency: Optional[int] = None  # segment reads in flight per micro-batch; None: mix (not in the hash)
+    read_concurrency: Optional[int] = None  # segment reads in flight per micro-batch; None: default_read_concurrency
 
     def __post_init__(self) -> None:
         if self.on_error not in ON_ERROR:
@@ -87,6 +88,15 @@ class FeedSpec:
         return plan_epoch(self.snapshot, self.seed, epoch, self.batch_size, self.mix, self.run_length, self.train)
 
 
+def default_read_concurrency(spec: FeedSpec) -> int:
+    """Segment reads a maker keeps in flight when not told: one per shard mixed in a micro-batch on
+    object storage, where each read waits on the network; 1 when every shard is a local file, whose
+    reads come from the page cache or the disk's own queue: a pool of threads there only adds its
+    overhead (thread starts and hand-offs on every micro-batch). Give data.read_concurrency for a
+    network file system mounted as a local path."""
+    return 1 if all(storage.is_local(s.url) for s in spec.snapshot.shards) else spec.mix
+
+
 def sample_byte_limit(modality: Modality) -> int:
     """The most bytes a sample may span before it is read: its modality's `max_bytes` (if any) plus headers."""
     member = getattr(modality, "max_bytes", None)
@@ -97,8 +107,8 @@ def label_of(members: Mapping[str, bytes], target: str) -> int:
     """The integer label `target` of a sample: `.cls`, or a key of its `.json`; -1 if absent."""
     try:
         if target == "cls":
-            return decode_label(members["cls"]) if "cls" in members else -1
-        meta = json.loads(members["json"]) if "json" in members else {}
+            return decode_label(bytes(members["cls"])) if "cls" in members else -1
+        meta = json.loads(bytes(members["json"])) if "json" in members else {}
         return int(meta[target]) if target in meta else -1
     except (ValueError, KeyError, TypeError):
         return -1
@@ -133,7 +143,8 @@ class BatchMaker:
         self._index: IndexCache[PackedIndex] = IndexCache(self._load_index, spec.index_cache_bytes)
         self._index_lock = threading.Lock()  # segment reads look indexes up from the read pool's threads
         self.reads = ReadCounter()
-        self.read_concurrency = spec.read_concurrency or spec.mix
+        self.read_concurrency = spec.read_concurrency or default_read_concurrency(spec)
+        self.member_views = bool(getattr(self.modality, "member_views", False))  # large members as views, no copy
 
     def _index_of(self, shard: int) -> PackedIndex:
         with self._index_lock:
@@ -155,17 +166,23 @@ class BatchMaker:
         return self._index.stats()
 
     def read(self, shard: int, lo: int, hi: int) -> list[tuple[str, dict[str, bytes]]]:
-        """Samples lo..hi-1 of a snapshot shard, one ranged read."""
+        """Samples lo..hi-1 of a snapshot shard, one ranged read.
+
+        If the modality takes views (`member_views`) and a sample spans MEMBER_VIEW_BYTES or more,
+        the range is read as a view (a local one memory-mapped) and its large members are views of it.
+        """
         ref, idx = self.spec.snapshot.shards[shard], self._index_of(shard)
         start, end = idx.span(lo, hi)
-        token, data = self.reads.begin(), b""
+        views = self.member_views and hi > lo and int((idx.ends[lo:hi] - idx.starts[lo:hi]).max()) >= MEMBER_VIEW_BYTES
+        token = self.reads.begin()
+        data: bytes | memoryview = b""
         try:
-            data = storage.read_bytes(ref.url, start, end, self.spec.storage_options)
+            data = (storage.read_view if views else storage.read_bytes)(ref.url, start, end, self.spec.storage_options)
         except OSError as e:
             raise ShardReadError(f"reading {storage.redact_url(ref.url)} bytes {start}-{end} failed: {e}") from e
         finally:
             self.reads.end(token, len(data))
-        return members_from_range(idx, lo, hi, data)
+        return members_from_range(idx, lo, hi, data, views_from=MEMBER_VIEW_BYTES if views else None)
 
     def read_within_limit(self, shard: int, lo: int, hi: int) -> list[tuple[str, dict[str, bytes], Optional[str]]]:
         """Samples lo..hi-1 as (key, members, why unread), reading only those within `sample_limit`.

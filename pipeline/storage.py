@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import mmap
 import os
 import uuid
 from contextlib import contextmanager
@@ -136,6 +137,31 @@ def read_bytes(url: str, start: Optional[int] = None, end: Optional[int] = None,
         if lines is None:
             raise
         return lines
+
+
+def read_view(url: str, start: int, end: int, options: Optional[Mapping[str, Any]] = None) -> memoryview:
+    """The bytes [start, end) of `url` as a read-only memoryview, without copying a local file's.
+
+    A local range is memory-mapped: its pages come from the page cache as they are touched, so a
+    reader of part of it reads only that part. The shard must not shrink while a view of it lives
+    (shards are written once, by rename: a replaced file's old pages stay mapped; truncating one in
+    place would make touching a page past its new end kill the process with SIGBUS). Other stores
+    read the range with `read_bytes` and view it.
+    """
+    if not is_local(url) or end <= start:
+        return memoryview(read_bytes(url, start, end, options))
+    path = local_path(url)
+
+    def mapped() -> memoryview:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if end > size:
+                raise OSError(errno.EINVAL, f"range [{start}, {end}) runs past the end of the file ({size} bytes)")
+            base = start - start % mmap.ALLOCATIONGRANULARITY
+            mapping = mmap.mmap(f.fileno(), end - base, access=mmap.ACCESS_READ, offset=base)
+        return memoryview(mapping)[start - base:]  # the view keeps the mapping; unmapped when the last view goes
+
+    return retrying(mapped, url)
 
 
 def _line_log(url: str, options: Optional[Mapping[str, Any]], op: str) -> Any:

@@ -4,7 +4,8 @@ A shard is a plain tar whose members are named `<key>.<ext>`; members sharing a 
 sample. Beside it, `<shard>.idx` (JSON) records for each sample its key, the byte range
 [start, end) covering all its members (tar headers included), and for each member its data
 offset, size and CRC-32. Samples i..j are therefore one ranged read: [start[i], end[j]).
-Members are returned as raw bytes; nothing is ever unpickled or executed.
+Members are returned as raw bytes (or read-only views of them, see pipeline/buffers.py); nothing is
+ever unpickled or executed.
 """
 from __future__ import annotations
 
@@ -223,15 +224,23 @@ def index_tar(fileobj: IO[bytes], shard: str) -> ShardIndex:
     return ShardIndex(shard, tuple(keys), tuple(starts), tuple(ends), tuple(members))
 
 
-def members_from_range(index: AnyIndex, lo: int, hi: int, data: bytes,
-                       check_crc: bool = False) -> list[tuple[str, Members]]:
-    """Slice samples lo..hi-1 out of `data`, the bytes of index.span(lo, hi)."""
+def members_from_range(index: AnyIndex, lo: int, hi: int, data: Union[bytes, memoryview],
+                       check_crc: bool = False, views_from: Optional[int] = None) -> list[tuple[str, Members]]:
+    """Slice samples lo..hi-1 out of `data`, the bytes of index.span(lo, hi).
+
+    Members are bytes; with `views_from`, members of that many bytes or more are read-only
+    memoryviews of `data` instead (no copy; see pipeline/buffers.py).
+    """
     base = index.span(lo, hi)[0]
+    if views_from is not None:
+        data = memoryview(data)
     out = []
     for i in range(lo, hi):
         sample: Members = {}
         for ext, (off, size, crc) in index.members[i].items():
-            blob = data[off - base: off - base + size]
+            blob: Any = data[off - base: off - base + size]
+            if isinstance(blob, memoryview) and (views_from is None or size < views_from):
+                blob = blob.tobytes()
             if check_crc and zlib.crc32(blob) != crc:
                 raise ValueError(f"{index.shard}: member {index.keys[i]}.{ext} fails its CRC")
             sample[ext] = blob

@@ -38,7 +38,8 @@ class DataConfig:
     on_error: str = "quarantine"   # quarantine | raise
     max_worker_deaths: int = 2     # deaths while making one batch before it is made sample by sample
     index_cache_mb: float = 64.0   # shard indexes each stream keeps in memory (LRU, bounded in bytes)
-    read_concurrency: Optional[int] = None  # ranged reads a stream keeps in flight per micro-batch (None: mix)
+    read_concurrency: Optional[int] = None  # ranged reads a stream keeps in flight per micro-batch (None: mix on
+    # object storage, 1 for local files; set it for a network file system mounted as a local path)
     mean: Optional[list[float]] = None  # per-channel normalization of uint8 inputs (0-1 scale)
     std: Optional[list[float]] = None
 

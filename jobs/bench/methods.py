@@ -246,7 +246,7 @@ def run_cells(cells: list[Cell], options: MethodsBenchOptions, plans: Mapping[st
         ctx = CellContext(plan, tuple(written.eval_sets), data_root, workdir, options.overrides, options.use_ray)
         for cell in (c for c in cells if c.modality == modality):
             log(f"== bench methods: {cell.key} ({cell.config.name})")
-            t0 = time.time()
+            t0, load = time.time(), load_average()
             try:
                 with contextlib.redirect_stdout(sys.stderr):
                     record = {**runner(cell, ctx), "state": DONE}
@@ -257,7 +257,13 @@ def run_cells(cells: list[Cell], options: MethodsBenchOptions, plans: Mapping[st
             write_json(cell_path(workdir, cell), {
                 "method": cell.method, "modality": cell.modality, "config": cell.config.stem,
                 "budget_minutes": cell.budget, "cell_seconds": round(time.time() - t0, 1),
-                "date": time.strftime("%Y-%m-%d"), **record})
+                "date": time.strftime("%Y-%m-%d"), "load_at_start": load, **record})
+
+
+def load_average() -> Optional[float]:
+    """The machine's 1-minute load average now (None where the OS has none): recorded as a cell starts,
+    before its own work weighs on it, so the doc can say how busy the machine was around each cell."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def start_ray(cells: list[Cell]) -> None:

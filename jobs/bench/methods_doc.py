@@ -124,14 +124,23 @@ def modality_section(modality: str, records: Sequence[Mapping[str, Any]],
     return [*out, ""]
 
 
-def machine_note() -> str:
-    """Cores, CPU, torch version and the load at writing: what the samples/s depend on."""
+def machine_note(records: Sequence[Mapping[str, Any]] = ()) -> str:
+    """Cores, CPU, torch version and the load average as the cells started: what the samples/s depend on."""
     import torch
 
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{os.cpu_count()} cores ({platform.machine()}, {platform.processor() or 'cpu'}), {gpu}, "
-            f"torch {torch.__version__}, load average {load:.1f} when written")
+            f"torch {torch.__version__}, {load_note(records)}")
+
+
+def load_note(records: Sequence[Mapping[str, Any]]) -> str:
+    """The range of the 1-minute load average the cells recorded as they started (older records have none)."""
+    loads = [r["load_at_start"] for r in records if isinstance(r.get("load_at_start"), (int, float))]
+    if not loads:
+        return "load average not recorded (the cells' records predate it)"
+    missing = len(records) - len(loads)
+    return (f"load average {min(loads):.1f}–{max(loads):.1f} as the cells started"
+            + (f" ({missing} of {len(records)} cells' records predate it)" if missing else ""))
 
 
 def format_doc(records: Sequence[Mapping[str, Any]], baselines: Sequence[Mapping[str, Any]], command: str,
@@ -218,7 +227,7 @@ def write_doc(records: Sequence[Mapping[str, Any]], baselines: Sequence[Mapping[
     """Write the doc (and the plot when --budgets cells exist) atomically; returns the paths written."""
     plot = out.with_name(f"{out.stem}_budget.png")
     has_plot = budget_figure(records, budget, plot)
-    text = format_doc(records, baselines, command, budget, machine_note(), plot.name if has_plot else None)
+    text = format_doc(records, baselines, command, budget, machine_note(records), plot.name if has_plot else None)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     tmp.write_text(text)

@@ -40,7 +40,11 @@ class Modality(Protocol):
         """Member extensions holding the media, in order of preference."""
 
     def decode(self, members: Mapping[str, bytes]) -> object:
-        """Decoded media from the sample's members; raises DecodeError on bad bytes."""
+        """Decoded media from the sample's members; raises DecodeError on bad bytes.
+
+        Members are bytes, unless the modality sets a class attribute `member_views = True`: then a
+        member of pipeline.buffers.MEMBER_VIEW_BYTES or more is a read-only memoryview (read it with
+        np.frombuffer or pipeline.buffers.buffer_file; bytes(m) copies it)."""
 
     def sample(self, decoded: object, rng: np.random.Generator, train: bool) -> Sample:
         """The sample's fixed-shape arrays: augmented views when train, one deterministic view when not."""

@@ -251,6 +251,7 @@ class ImageModality:
 
     name = "image"
     extensions = EXTENSIONS["image"]
+    member_views = True  # large photos arrive as views of the shard (OpenCV decodes them in place)
 
     def __init__(self, size: int = 224, channels: int = 3, recipe: str = "simclr",
                  scale: tuple[float, float] = (0.08, 1.0), flip: bool = True,

@@ -9,7 +9,6 @@ from the crop boxes the views will cut (see image.py) and `reduced_box` maps a b
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -17,20 +16,21 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from selfsup.pipeline.buffers import Buffer, buffer_file
 from selfsup.pipeline.modalities.base import DecodeError
 
 cv2.setNumThreads(1)
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit from the header, before decoding
 
 
-def image_size(data: bytes) -> tuple[int, int]:
+def image_size(data: Buffer) -> tuple[int, int]:
     """(width, height) as the decoders show it (EXIF orientation applied), from the header alone.
 
     DecodeError if unreadable. OpenCV turns JPEG/PNG/WebP pixels upright by their EXIF orientation,
     so orientations 5-8 (a quarter turn) swap the stored sides.
     """
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(buffer_file(data)) as im:
             w, h = im.size
             try:
                 turned = im.getexif().get(0x0112) in (5, 6, 7, 8)
@@ -41,12 +41,12 @@ def image_size(data: bytes) -> tuple[int, int]:
     return (h, w) if turned else (w, h)
 
 
-def check_complete(ext: str, data: bytes) -> None:
+def check_complete(ext: str, data: Buffer) -> None:
     """Raise DecodeError for truncated files that decoders would return partially."""
-    tail = data[-1024:].rstrip(b"\x00\r\n\t ")
+    tail = bytes(data[-1024:]).rstrip(b"\x00\r\n\t ")
     if ext in ("jpg", "jpeg") and not tail.endswith(b"\xff\xd9"):
         raise DecodeError("truncated JPEG (no end-of-image marker)")
-    if ext == "png" and b"IEND" not in data[-64:]:
+    if ext == "png" and b"IEND" not in bytes(data[-64:]):
         raise DecodeError("truncated PNG (no IEND chunk)")
     if ext == "webp" and (len(data) < 12 or int.from_bytes(data[4:8], "little") + 8 > len(data)):
         raise DecodeError("truncated WebP (RIFF size exceeds the data)")
@@ -57,12 +57,12 @@ class EncodedImage:
     """An image checked from its bytes alone (header size within max_pixels, not truncated), not yet decoded."""
 
     ext: str
-    data: bytes
+    data: Buffer  # bytes, or a read-only view of them (pipeline/buffers.py)
     height: int  # as decoded (EXIF orientation applied)
     width: int
 
 
-def check_image(ext: str, data: bytes, max_pixels: int) -> EncodedImage:
+def check_image(ext: str, data: Buffer, max_pixels: int) -> EncodedImage:
     """The resource checks, before any pixel is decoded; DecodeError naming what is wrong."""
     w, h = image_size(data)
     if w * h > max_pixels:
@@ -97,7 +97,7 @@ def decode_pixels(image: EncodedImage, channels: int, factor: int = 1) -> np.nda
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def decode_image(ext: str, data: bytes, channels: int, max_pixels: int) -> np.ndarray:
+def decode_image(ext: str, data: Buffer, channels: int, max_pixels: int) -> np.ndarray:
     """uint8 [H, W, channels] RGB (or gray) at full scale, after the resource checks."""
     return decode_pixels(check_image(ext, data, max_pixels), channels)
 

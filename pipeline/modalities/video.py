@@ -1,7 +1,8 @@
 """Video: probe containers with PyAV, decode only a clip's frames, make VideoMAE/contrastive views.
 
-`decode` reads the container's metadata only (frame count, size, rate) and enforces the limits;
-`sample` seeks to the keyframe at or before the clip start and decodes forward, keeping frames
+`decode` reads the container's metadata only (frame count, size, rate) and enforces the limits,
+and keeps the container open in the VideoInfo for the clips (one FFmpeg open per sample, not one
+per clip); `sample` seeks to the keyframe at or before the clip start and decodes forward, keeping frames
 start, start+stride, ..., start+(frames-1)*stride. A clip index with no frame of its own (a
 variable-rate file, or an AVI with dropped frames) takes the latest earlier frame, as a player
 shows it; a video shorter than the clip repeats its last frame. Every clip uses one crop box,
@@ -22,13 +23,14 @@ than a second or 2% short) is called truncated.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import cv2
 import numpy as np
 
+from selfsup.pipeline.buffers import Buffer, buffer_file
 from selfsup.pipeline.media import EXTENSIONS
 from selfsup.pipeline.modalities import MODALITIES
 from selfsup.pipeline.modalities.base import DecodeError, Sample, float_pair, media_member
@@ -42,9 +44,9 @@ OUTPUTS = ("two", "single", "order")
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """A probed video: its bytes and the metadata a clip needs (no frames decoded)."""
+    """A probed video: its bytes (or a view of them) and the metadata a clip needs (no frames decoded)."""
 
-    data: bytes
+    data: Buffer
     frames: int  # from the header, or estimated from duration × rate when `estimated`
     width: int
     height: int
@@ -53,13 +55,16 @@ class VideoInfo:
     start_pts: int
     seconds: float
     estimated: bool = False
+    # the probe's container, still open, then each clip's after it: the next clip seeks in it instead of opening
+    # the file again (an open is FFmpeg's stream probe; three per two-view sample were 7% of a video stream's CPU)
+    spare: list = field(default_factory=list, init=False, repr=False, compare=False)
 
 
-def open_video(data: bytes) -> tuple[Any, Any]:
+def open_video(data: Buffer) -> tuple[Any, Any]:
     """(container, first video stream) decoding on one thread, strict about corrupt data."""
     import av  # PyAV loads with the first video: a machine without it still trains images and audio
     try:
-        container = av.open(io.BytesIO(data))
+        container = av.open(buffer_file(data))
     except Exception as e:  # noqa: BLE001 - FFmpeg raises many types for junk
         raise DecodeError(f"FFmpeg cannot open this video: {type(e).__name__}: {e}") from None
     if not container.streams.video:
@@ -71,19 +76,30 @@ def open_video(data: bytes) -> tuple[Any, Any]:
     return container, stream
 
 
-def probe_video(data: bytes, max_frames: int, max_pixels: int, max_seconds: float) -> VideoInfo:
+def probe_video(data: Buffer, max_frames: int, max_pixels: int, max_seconds: float) -> VideoInfo:
     """Metadata of the first video stream, checked against the limits; DecodeError names the one hit."""
-    import av
     container, stream = open_video(data)
-    with container:
-        width, height = int(stream.codec_context.width), int(stream.codec_context.height)
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        tb = stream.time_base or Fraction(1, 1_000_000)
-        if stream.duration:
-            seconds = float(stream.duration * tb)
-        else:
-            seconds = float(container.duration or 0) / av.time_base
-        frames, start = int(stream.frames or 0), int(stream.start_time or 0)
+    try:
+        info = video_info(data, container, stream, max_frames, max_pixels, max_seconds)
+    except BaseException:
+        container.close()
+        raise
+    info.spare.append((container, stream, True))  # unread: the first clip decodes from it as it is
+    return info
+
+
+def video_info(data: Buffer, container: Any, stream: Any, max_frames: int, max_pixels: int, max_seconds: float
+               ) -> VideoInfo:
+    """`probe_video`'s metadata from its open container."""
+    import av
+    width, height = int(stream.codec_context.width), int(stream.codec_context.height)
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    tb = stream.time_base or Fraction(1, 1_000_000)
+    if stream.duration:
+        seconds = float(stream.duration * tb)
+    else:
+        seconds = float(container.duration or 0) / av.time_base
+    frames, start = int(stream.frames or 0), int(stream.start_time or 0)
     if width <= 0 or height <= 0 or not rate or rate <= 0:
         raise DecodeError(f"video stream has no usable size or frame rate ({width}x{height}, rate {rate})")
     fps = float(rate)
@@ -128,22 +144,42 @@ def frame_index(frame: Any, info: VideoInfo, previous: int, seeked: bool) -> int
 
 
 def decoded_frames(info: VideoInfo, first: int) -> Iterator[tuple[int, Any]]:
-    """(index, frame) from the keyframe at or before `first` to the end; DecodeError on corrupt data."""
+    """(index, frame) from the keyframe at or before `first` to the end; DecodeError on corrupt data.
+
+    Decodes in the container `info` keeps (the probe's, unread; or a clip's, which a clip that
+    seeks reuses: seeking flushes the decoder), else opens the video; afterwards the container
+    goes back to `info` for the next clip, unless decoding failed. A clip from frame 0 never seeks,
+    so files without timestamps still give it: it takes an unread container or opens one.
+    """
     import av
-    container, stream = open_video(info.data)
-    with container:
-        try:
-            if first > 0:  # half a frame past the target, so rounding never lands one keyframe early
-                target = info.start_pts + int((first + 0.5) / info.fps / info.time_base)
-                container.seek(target, stream=stream, backward=True, any_frame=False)
-            index = -1
-            for frame in container.decode(stream):
-                index = frame_index(frame, info, index, first > 0)
-                yield index, frame
-        except DecodeError:
-            raise
-        except (av.error.FFmpegError, ValueError, OSError) as e:
-            raise DecodeError(f"corrupt video data: {type(e).__name__}: {e}") from None
+    container, stream, unread = info.spare.pop() if info.spare else (None, None, False)
+    if container is not None and not unread and first <= 0:
+        container.close()
+        container = None
+    if container is None:
+        container, stream = open_video(info.data)
+    reusable = False
+    try:
+        if first > 0:  # half a frame past the target, so rounding never lands one keyframe early
+            target = info.start_pts + int((first + 0.5) / info.fps / info.time_base)
+            container.seek(target, stream=stream, backward=True, any_frame=False)
+        index = -1
+        for frame in container.decode(stream):
+            index = frame_index(frame, info, index, first > 0)
+            yield index, frame
+        reusable = True
+    except GeneratorExit:  # the reader has its frames and stops here
+        reusable = True
+        raise
+    except DecodeError:
+        raise
+    except (av.error.FFmpegError, ValueError, OSError) as e:
+        raise DecodeError(f"corrupt video data: {type(e).__name__}: {e}") from None
+    finally:
+        if reusable:
+            info.spare.append((container, stream, False))
+        else:
+            container.close()
 
 
 def read_frames(info: VideoInfo, indices: Sequence[int], fmt: str, width: int, height: int) -> list[np.ndarray]:
@@ -222,6 +258,7 @@ class VideoModality:
 
     name = "video"
     extensions = EXTENSIONS["video"]
+    member_views = True  # clips arrive as views of the shard: a clip's seek reads only the part it decodes
 
     def __init__(self, frames: int = 16, stride: int = 2, size: int = 112, channels: int = 3,
                  output: str = "two", scale: tuple[float, float] = (0.3, 1.0), flip: bool = True,

@@ -96,3 +96,21 @@ def test_bench_growth_reads_a_streams_memory_over_both_epochs_and_after_the_same
     assert 0 < small["start_rss_mib"] <= small["peak_rss_mib"] and small["index_cache_entries"] == 2
     assert big["peak_rss_same_work_mib"] <= big["peak_rss_mib"] and big["index_cache_entries"] == 4
     assert result["peak_rss_same_work_ratio"] == big["peak_rss_same_work_mib"] / small["peak_rss_mib"]
+
+
+def test_floors_of_variants_not_run_are_na_and_only_a_measured_miss_fails_check():
+    from selfsup.jobs.bench.pipeline import BenchOptions, summarize
+
+    def extra(per_cpu, **more):
+        return {"cores": 1.0, "other_cores": 0.0, "per_cpu_s": per_cpu, **more}
+
+    def result(selfsup_rate, share):
+        rates = {"kernel": [100.0], "selfsup": [selfsup_rate]}
+        extras = {"kernel": [extra(100.0)], "selfsup": [extra(90.0, stream_kernel_share=share)]}
+        return summarize(BenchOptions("image", streams=1, variants="kernel,selfsup"), rates, extras, 64, 64, 8)
+
+    good = result(95.0, 0.95)  # dataloader, Ray Data, torchvision and albumentations were not run
+    assert good["floors"]["vs_dataloader"]["pass"] is None and good["floors"]["efficiency"]["pass"] is True
+    assert good["pass"] is True
+    assert result(50.0, 0.95)["pass"] is False  # efficiency 0.5, under its floor
+    assert result(95.0, 0.5)["pass"] is False

@@ -62,7 +62,11 @@ def test_cells_resume_rerun_alone_and_failures_recorded(tmp_path: Path, configs:
     assert states == {"a": "done", "b": FAILED, "c": "done", "d": "done"}
     failed = json.loads(cell_path(tmp_path / "work", Cell("b", "image", Path(), 5.0)).read_text())
     assert failed["error"] == "RuntimeError: NaN loss at step 3"  # the error's last line
-    assert "failed: RuntimeError: NaN loss at step 3" in (tmp_path / "doc" / "methods.md").read_text()
+    doc = (tmp_path / "doc" / "methods.md").read_text()
+    assert "failed: RuntimeError: NaN loss at step 3" in doc
+    loads = [r["load_at_start"] for r in result["cells"]]  # each cell's machine load as it started
+    assert all(isinstance(x, float) and x >= 0 for x in loads) and "as the cells started" in doc
+    assert f"load average {min(loads):.1f}–{max(loads):.1f}" in doc and "when written" not in doc
 
     again = Recorder()
     bench_methods(options(tmp_path, configs), EMPTY_PLAN, again)
@@ -201,3 +205,12 @@ def test_a_cell_keeps_its_configs_sources_splits_weights_and_label_targets(tmp_p
     assert [(s["split"], s.get("weight"), s.get("target")) for s in sources] == [
         ("pretrain", 0.8, None), ("probe-train", 0.2, "cls")]
     assert all(s["url"] == str(tmp_path / "data") + "/fashion-mnist" for s in sources)
+
+
+def test_load_note_gives_the_range_and_says_which_records_predate_it() -> None:
+    from selfsup.jobs.bench.methods_doc import load_note
+
+    assert load_note([{"load_at_start": 0.5}, {"load_at_start": 2.25}]) == "load average 0.5–2.2 as the cells started"
+    assert load_note([{"load_at_start": 1.0}, {}]) == ("load average 1.0–1.0 as the cells started "
+                                                       "(1 of 2 cells' records predate it)")
+    assert load_note([{}, {"load_at_start": None}]) == "load average not recorded (the cells' records predate it)"

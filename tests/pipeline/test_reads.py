@@ -40,6 +40,30 @@ def test_pooled_reads_are_in_flight_together_and_overlap_decode_on_s3(moto_s3: A
     assert one_s["max_in_flight"] == 1 and one_s["overlapped_decode"] == 0
     assert two_s["max_in_flight"] == 2 and two_s["overlapped_decode"] > 0, two_s
     assert not read_threads()
+    assert BatchMaker(dataclasses.replace(spec, read_concurrency=None)).read_concurrency == spec.mix == 4
+
+
+def test_local_shards_are_read_in_the_calling_thread_unless_told(tmp_path: Any,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = dataclasses.replace(four_shards(str(tmp_path / "ds")), read_concurrency=None)
+    default, told = BatchMaker(spec), BatchMaker(dataclasses.replace(spec, read_concurrency=3))
+    assert default.read_concurrency == 1 and told.read_concurrency == 3
+    started: list[str] = []
+    real = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        started.append(self.name)
+        real(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    n = spec.plan(0).num_batches
+    local = [default.make(0, i) for i in range(n)]
+    assert started == [] and default.reads.stats()["max_in_flight"] == 1  # no pool, no thread
+    pooled = [told.make(0, i) for i in range(n)]
+    assert started and all(name.startswith(READ_THREAD) for name in started)
+    assert told.reads.stats()["max_in_flight"] > 1
+    assert [b["view1"].tobytes() for b in local] == [b["view1"].tobytes() for b in pooled]
+
 
 
 def test_a_shard_deleted_after_the_snapshot_raises_naming_it_and_leaves_no_read_thread(tmp_path: Any) -> None:

@@ -5,6 +5,7 @@ import dataclasses
 import io
 import os
 from fractions import Fraction
+from typing import Any
 
 import av
 import numpy as np
@@ -200,3 +201,48 @@ def test_token_grid_and_config_errors() -> None:
     with pytest.raises(ValueError, match="output"):
         VideoModality(output="three")
     assert "video" in MODALITIES
+
+
+class NoSpare(list):
+    """A VideoInfo.spare that keeps nothing: every clip opens the video anew (the path before reuse)."""
+
+    def append(self, item: Any) -> None:
+        item[0].close()
+
+
+@pytest.mark.parametrize("name", ["vtest.avi", "tree.avi"])
+def test_a_sample_opens_its_video_once_and_gives_the_frames_fresh_opens_give(name: str,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from selfsup.pipeline.modalities import video as video_module
+
+    data = load(name)
+    opens: list[int] = []
+    real = video_module.open_video
+
+    def counting(d: Any) -> Any:
+        opens.append(1)
+        return real(d)
+
+    monkeypatch.setattr(video_module, "open_video", counting)
+    for output in ("two", "order"):
+        m = VideoModality(frames=8, stride=2, size=48, output=output)
+        for seed in range(3):
+            opens.clear()
+            reused = m.sample(m.decode({"avi": data}), rng(seed), True)
+            assert len(opens) == 1, (output, seed)  # the probe's container serves every clip (none starts at 0 here)
+            info = m.decode({"avi": data})
+            info.spare[0][0].close()
+            object.__setattr__(info, "spare", NoSpare())
+            fresh = m.sample(info, rng(seed), True)
+            assert reused.keys() == fresh.keys() and len(opens) > 2
+            for k in reused:
+                assert reused[k].tobytes() == fresh[k].tobytes(), (output, seed, k)
+    good = encode_clip_mp4(texture_clip(32, seed=3), fps=8)
+    corrupt = bytearray(good)
+    mdat = good.index(b"mdat")
+    corrupt[mdat + 2000: mdat + 2064] = rng(1).integers(0, 256, 64, dtype=np.uint8).tobytes()
+    info = VideoModality(frames=32, stride=1, size=64).decode({"mp4": bytes(corrupt)})
+    assert len(info.spare) == 1
+    with pytest.raises(DecodeError, match="corrupt"):
+        read_frames(info, list(range(32)), "rgb24", 64, 64)
+    assert info.spare == []  # a decode that failed closed its container instead of keeping it
