@@ -43,13 +43,17 @@ CASES = {  # modality, samples, batch size, modality args, train, mask, label
 }
 
 
+def case_spec(case: str, dest: str) -> FeedSpec:
+    """One shard of CASES[case]'s samples (one broken) at `dest`, and the FeedSpec of the case over it."""
+    modality, n, size, args, train, mask, label = CASES[case]
+    add_shard(dest, "pretrain-000000", media(modality, n), modality)
+    return FeedSpec(build_snapshot([SourceSpec(url=dest, split="pretrain")]), size, args, seed=5, train=train,
+                    mask=mask, label=label)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_batch_rows_are_the_bytes_np_stack_gives_with_padding_and_quarantine(case: str, tmp_path: Any) -> None:
-    modality, n, size, args, train, mask, label = CASES[case]
-    dest = str(tmp_path / "ds")
-    add_shard(dest, "pretrain-000000", media(modality, n), modality)
-    spec = FeedSpec(build_snapshot([SourceSpec(url=dest, split="pretrain")]), size, args, seed=5, train=train,
-                    mask=mask, label=label)
+    spec = case_spec(case, str(tmp_path / "ds"))
     maker = BatchMaker(spec)
     plan, padded, quarantined = spec.plan(0), 0, 0
     for i in range(plan.num_batches):
@@ -62,7 +66,7 @@ def test_batch_rows_are_the_bytes_np_stack_gives_with_padding_and_quarantine(cas
             assert got.tobytes() == want.tobytes(), (case, i, k)
         padded += int((batch["position"] < 0).sum())
         quarantined += int(batch["quarantined"].sum())
-    assert quarantined == 1 and (padded > 0) == (not train)
+    assert quarantined == 1 and (padded > 0) == (not spec.train)
 
 
 def reference_rows(maker: BatchMaker, batch: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -13,13 +13,12 @@ import pytest
 
 from selfsup.pipeline import batch as batch_module
 from selfsup.pipeline import storage
-from selfsup.pipeline.batch import BatchMaker, FeedSpec
+from selfsup.pipeline.batch import BatchMaker
 from selfsup.pipeline.buffers import BufferFile, buffer_file
 from selfsup.pipeline.modalities import video as video_module
-from selfsup.pipeline.snapshot import SourceSpec, build_snapshot
 from selfsup.pipeline.tarindex import load_index, members_from_range
 from tests.conftest import VIDEO, add_shard
-from tests.pipeline.test_batch import CASES, media
+from tests.pipeline.test_batch import case_spec
 
 
 def test_buffer_file_reads_and_seeks_as_bytesio_does() -> None:
@@ -87,11 +86,8 @@ def shard_mappings(dest: str) -> list[str]:
 @pytest.mark.parametrize("case", ["image-two-views-mask", "image-eval-padded", "video-two-views", "video-eval-padded"])
 def test_members_read_as_views_make_the_same_batches_as_copies(case: str, tmp_path: Any,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    modality, n, size, args, train, mask, label = CASES[case]
     dest = str(tmp_path / "ds")
-    add_shard(dest, "pretrain-000000", media(modality, n), modality)
-    spec = FeedSpec(build_snapshot([SourceSpec(url=dest, split="pretrain")]), size, args, seed=5, train=train,
-                    mask=mask, label=label)
+    spec = case_spec(case, dest)
     copies = BatchMaker(spec)
     copies.member_views = False
     viewed = BatchMaker(dataclasses.replace(spec))
