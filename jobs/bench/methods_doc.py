@@ -124,7 +124,7 @@ def modality_section(modality: str, records: Sequence[Mapping[str, Any]],
     return [*out, ""]
 
 
-def machine_note(records: Sequence[Mapping[str, Any]] = ()) -> str:
+def machine_note(records: Sequence[Mapping[str, Any]]) -> str:
     """Cores, CPU, torch version and the load average as the cells started: what the samples/s depend on."""
     import torch
 

@@ -57,7 +57,7 @@ class VideoInfo:
     estimated: bool = False
     # the probe's container, still open, then each clip's after it: the next clip seeks in it instead of opening
     # the file again (an open is FFmpeg's stream probe; three per two-view sample were 7% of a video stream's CPU)
-    spare: list = field(default_factory=list, init=False, repr=False, compare=False)
+    spare: list[tuple[Any, Any, bool]] = field(default_factory=list, init=False, repr=False, compare=False)  # (container, stream, unread)
 
 
 def open_video(data: Buffer) -> tuple[Any, Any]:

@@ -36,7 +36,7 @@ def test_buffer_file_reads_and_seeks_as_bytesio_does() -> None:
             offset = int(rng.integers(0, 4500)) - (4000 if whence == 2 else 0) - (ref.tell() if whence == 1 else 0)
             assert ours.seek(offset, whence) == ref.seek(offset, whence)
         elif op == 2:
-            a, b = bytearray(int(rng.integers(0, 600))), bytearray(0)
+            a = bytearray(int(rng.integers(0, 600)))
             b = bytearray(len(a))
             assert ours.readinto(a) == ref.readinto(b) and a == b
         assert ours.tell() == ref.tell()
@@ -134,3 +134,11 @@ def test_a_clip_reads_only_the_part_of_a_viewed_member_it_decodes(monkeypatch: p
         assert sum(read) < len(data) / 2, (seed, sum(read), len(data))  # seeks: not the whole file
         read[:] = []
     assert probed < len(data) / 2
+
+
+def test_labels_read_from_viewed_metadata_members() -> None:
+    from selfsup.pipeline.batch import label_of
+
+    # a .json or .cls of MEMBER_VIEW_BYTES or more arrives as a view: json.loads would refuse it and the row go unlabeled
+    assert label_of({"json": memoryview(b'{"digit": 3}')}, "digit") == 3
+    assert label_of({"cls": memoryview(b"7")}, "cls") == 7
