@@ -42,7 +42,7 @@ test-cluster: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m cluster -p no:cacheprovider tests/cluster $(PYTEST_ARGS)
 
 test-cluster-ci: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -m cluster -p no:cacheprovider tests/cluster -k stream_node_removed $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -m cluster -p no:cacheprovider tests/cluster -k "stream_node_removed or eval_workers" $(PYTEST_ARGS)
 
 # The full 20-minute representation-quality bars of docs/quality.md. Run them, and record their
 # figures, before landing any change to objectives, recipes, augmentations, backbones or the

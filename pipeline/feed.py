@@ -6,7 +6,8 @@ the next step would not give every rank a batch. It keeps `prefetch` requests in
 stream, round-robin, so memory stays bounded by streams × prefetch × batch bytes.
 
 Backends (the same batches, byte for byte):
-- `ray`: ShardStream actors; a dead actor is replaced and its unconsumed requests re-sent;
+- `ray`: ShardStream actors; a dead actor is replaced and its unconsumed requests re-sent (one lost
+  with its node, or unreachable, is replaced on another node and counts against no batch);
 - `local`: worker processes (multiprocessing), for single machines without Ray;
 - `inline`: the calling thread (tests, debugging).
 
@@ -30,7 +31,8 @@ from typing import Any, Iterator, Mapping, Optional
 
 from selfsup.pipeline import storage
 from selfsup.pipeline.batch import KILLED, BatchMaker, FeedSpec
-from selfsup.pipeline.workers import IsolatedWorker, WorkerDied, local_call, local_init, ray_deaths
+from selfsup.pipeline.workers import (MAX_LOST, IsolatedWorker, RayNodes, ResultLost, StreamLost, WorkerDied,
+                                      first_line, kill, local_call, local_init, ray_deaths)
 
 log = logging.getLogger(__name__)
 BACKENDS = ("ray", "local", "inline")
@@ -39,13 +41,6 @@ MAX_DEATHS = 2  # worker deaths while making one batch before it is isolated sam
 
 class PoisonBatchError(RuntimeError):
     """A micro-batch whose samples all kill the worker making them (or that kills it even without them)."""
-
-
-class ResultLost(RuntimeError):
-    """A made batch was lost before it was read (its node's object store went with the node)."""
-
-
-MAX_LOST = 5  # times one request's result may be lost (node after node) before the feed gives up
 
 
 @dataclass
@@ -86,8 +81,10 @@ class BatchFeed:
         self._pending: collections.deque[_Request] = collections.deque()
         self._sent = 0
         self.wait_s, self.batches, self.last_wait_s = 0.0, 0, 0.0
-        self.restarts, self.quarantined = 0, 0
+        self.restarts, self.quarantined, self.isolated = 0, 0, 0
         self._workers: list[Any] = []
+        self._node_refs: list[Any] = []  # per stream: the ref of its node id
+        self.nodes = RayNodes()  # nodes that failed under the streams (ray backend)
         self._pool: Optional[ProcessPoolExecutor] = None
         self._inline: Optional[BatchMaker] = None
         self._start_workers()
@@ -181,15 +178,22 @@ class BatchFeed:
             return self._inline.make(req.epoch, req.index, frozenset(self._killers))
         while req.deaths < self.max_deaths:
             try:
-                return self._get(req.handle)
-            except ResultLost as e:  # not the batch's fault: make it again (on a new stream if this one died)
+                return self._get(req.handle, self._workers[req.slot] if self._workers else None,
+                                 self._node_refs[req.slot] if self._node_refs else None)
+            except ResultLost as e:  # not the batch's fault: make it again (on a new stream if its node went)
                 req.lost += 1
                 if req.lost > MAX_LOST:
-                    raise RuntimeError(f"micro-batch {req.index} of epoch {req.epoch} was made and lost "
-                                       f"{req.lost} times ({e}): nodes keep failing") from None
-                log.warning("micro-batch %d of epoch %d was lost with its node (%s); making it again",
-                            req.index, req.epoch, e)
-                req.handle = self._submit(req)
+                    raise RuntimeError(f"micro-batch {req.index} of epoch {req.epoch} was lost {req.lost} times "
+                                       f"({e}): nodes keep failing") from None
+                if isinstance(e, StreamLost):
+                    self.restarts += 1
+                    log.warning("stream %d was lost making micro-batch %d of epoch %d (%s); starting a new one "
+                                "and re-sending its requests", req.slot, req.index, req.epoch, e)
+                    self._restart(req.slot)
+                else:
+                    log.warning("micro-batch %d of epoch %d was lost with its node (%s); making it again",
+                                req.index, req.epoch, e)
+                    req.handle = self._submit(req)
             except WorkerDied as e:
                 self.restarts += 1
                 if self.backend == "ray":  # an actor makes its requests in order: the oldest one killed it
@@ -205,8 +209,9 @@ class BatchFeed:
                 self._restart(req.slot)
         return self._isolate(req)
 
-    def _get(self, handle: Any) -> dict[str, Any]:
-        """The result of a sent request; WorkerDied if its worker died making it."""
+    def _get(self, handle: Any, stream: Any = None, node_ref: Any = None) -> dict[str, Any]:
+        """The result of a request sent to `stream` (ray) or the pool: WorkerDied if its worker died
+        making it on a live node, StreamLost if the stream went with its node, ResultLost if the result did."""
         if self.backend == "ray":
             import ray
             from ray.exceptions import ObjectLostError
@@ -214,9 +219,9 @@ class BatchFeed:
             try:
                 return ray.get(handle)
             except ray_deaths() as e:
-                raise WorkerDied(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+                raise self.nodes.judge(e, stream, node_ref) from None
             except ObjectLostError as e:
-                raise ResultLost(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+                raise ResultLost(first_line(e)) from None
         try:
             return handle.result()
         except BrokenProcessPool as e:
@@ -233,6 +238,7 @@ class BatchFeed:
     def _isolate(self, req: _Request) -> dict[str, Any]:
         """Make a batch that keeps killing its worker in a fresh worker of its own, sample by sample."""
         where = f"micro-batch {req.index} of epoch {req.epoch}"
+        self.isolated += 1
         log.warning("%s killed its worker %d times: making it sample by sample in an isolated worker",
                     where, req.deaths)
         with IsolatedWorker(self) as iso:
@@ -262,10 +268,10 @@ class BatchFeed:
 
     def _start_workers(self) -> None:
         if self.backend == "ray":
-            from selfsup.pipeline.stream import start_stream
-
-            self._workers = [start_stream(self.spec, self.stream_cpus, self.stream_resources)
-                             for _ in range(self.num_streams)]
+            for _ in range(self.num_streams):
+                worker, node_ref = self.nodes.start(self)
+                self._workers.append(worker)
+                self._node_refs.append(node_ref)
         elif self.backend == "local":
             self._pool = ProcessPoolExecutor(self.num_streams, mp_context=get_context("spawn"),
                                              initializer=local_init, initargs=(self.spec,))
@@ -273,14 +279,8 @@ class BatchFeed:
             self._inline = BatchMaker(self.spec)
 
     def _replace_stream(self, slot: int) -> None:
-        import ray
-        from selfsup.pipeline.stream import start_stream
-
-        try:
-            ray.kill(self._workers[slot])
-        except Exception:  # noqa: BLE001 - it is already dead
-            pass
-        self._workers[slot] = start_stream(self.spec, self.stream_cpus, self.stream_resources)
+        kill(self._workers[slot])
+        self._workers[slot], self._node_refs[slot] = self.nodes.start(self)
         for r in self._pending:
             if r.slot == slot:
                 r.handle = self._submit(r)
@@ -311,14 +311,9 @@ class BatchFeed:
         """Stop the streams or worker processes."""
         self._drop_pending()
         if self.backend == "ray":
-            import ray
-
             for w in self._workers:
-                try:
-                    ray.kill(w)
-                except Exception:  # noqa: BLE001
-                    pass
-            self._workers = []
+                kill(w)
+            self._workers, self._node_refs = [], []
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
@@ -356,6 +351,7 @@ class BatchFeed:
                     {**rec, "shard": storage.redact_url(rec["shard"]), "rank": self.rank}), self.spec.storage_options)
 
     def stats(self) -> dict[str, float]:
-        """Data stall so far: seconds waited, batches taken, the last wait, stream restarts, quarantined."""
+        """Data stall so far: seconds waited, batches taken, the last wait, stream restarts, quarantined,
+        batches isolated sample by sample."""
         return {"wait_s": self.wait_s, "batches": self.batches, "last_wait_s": self.last_wait_s,
-                "restarts": self.restarts, "quarantined": self.quarantined}
+                "restarts": self.restarts, "quarantined": self.quarantined, "isolated": self.isolated}

@@ -8,11 +8,13 @@ nodes. They are never restarted by Ray (`max_restarts=0`): the feed replaces the
 from __future__ import annotations
 
 import os
-from typing import AbstractSet, Any, Mapping, Optional
+from typing import AbstractSet, Any, Mapping, Optional, Sequence
 
 import ray
 
 from selfsup.pipeline.batch import BatchMaker, FeedSpec, keep_freed_memory
+
+NODE_ID_LABEL = "ray.io/node-id"  # the label Ray gives every node: its id
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)
@@ -53,15 +55,29 @@ class ShardStream:
 
 
 def start_stream(spec: FeedSpec, num_cpus: float = 1.0, resources: Optional[Mapping[str, float]] = None,
-                 name: Optional[str] = None) -> Any:
+                 name: Optional[str] = None, avoid: Sequence[str] = ()) -> Any:
     """Start one ShardStream actor asking for `num_cpus` and custom `resources`, spread over the
-    nodes that offer them (losing a node then costs a share of the streams, not all of them)."""
+    nodes that offer them (losing a node then costs a share of the streams, not all of them).
+
+    `avoid`: ids of nodes to keep it off while another node can take it (nodes that just failed
+    but that Ray has not yet found dead); when none can, it may still go there.
+    """
     opts: dict[str, Any] = {"num_cpus": num_cpus, "scheduling_strategy": "SPREAD"}
     if resources:
         opts["resources"] = dict(resources)
+    opts.update(keep_off(avoid))
     if name:
         opts["name"] = name
     return ShardStream.options(**opts).remote(spec)  # type: ignore[attr-defined]  # @ray.remote made it an actor class
+
+
+def keep_off(nodes: Sequence[str]) -> dict[str, Any]:
+    """Ray actor options that keep an actor off `nodes` while another node can take it; when none
+    can, it goes there rather than wait forever."""
+    if not nodes:
+        return {}
+    return {"label_selector": {NODE_ID_LABEL: f"!in({','.join(sorted(nodes))})"},
+            "fallback_strategy": [{"label_selector": {}}]}
 
 
 def process_memory() -> dict[str, int]:

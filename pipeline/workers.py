@@ -1,8 +1,12 @@
 """The processes a BatchFeed makes batches in, besides its streams: the local backend's worker
-functions, and the isolated worker a suspect batch is made in sample by sample (pipeline/feed.py).
+functions, and the isolated worker a suspect batch is made in sample by sample (pipeline/feed.py);
+and RayNodes, which tells a Ray worker lost with its node from one a batch killed, for the feed's
+streams, its isolated worker and evaluation's feature workers (trainers/features.py).
 """
 from __future__ import annotations
 
+import logging
+import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import TYPE_CHECKING, Any, Optional
@@ -13,8 +17,24 @@ if TYPE_CHECKING:
     from selfsup.pipeline.feed import BatchFeed
 
 
+log = logging.getLogger(__name__)
+MAX_LOST = 5  # times one request may be lost with a node (node after node) before the feed gives up
+UNREACHABLE_S = 3.0  # how long a stream Ray calls unavailable has to answer before its node is taken as lost
+SUSPECT_S = 120.0  # how long new streams keep off a node that failed while Ray still lists it alive
+
+
 class WorkerDied(RuntimeError):
-    """The process making a request died (Ray actor lost, local pool broken)."""
+    """The process making a request died on a live node (Ray actor killed, local pool broken): the
+    request may have killed it, so the death counts against it."""
+
+
+class ResultLost(RuntimeError):
+    """A request was lost through no fault of its own (the node holding its result or its stream went
+    away): it is made again, and counts only against MAX_LOST."""
+
+
+class StreamLost(ResultLost):
+    """The stream making a request is gone with its node, or cannot be reached: start a new one elsewhere."""
 
 
 def ray_deaths() -> tuple[type[BaseException], ...]:
@@ -22,6 +42,103 @@ def ray_deaths() -> tuple[type[BaseException], ...]:
     from ray.exceptions import OutOfMemoryError, RayActorError
 
     return RayActorError, OutOfMemoryError
+
+
+def kill(actor: Any) -> None:
+    """ray.kill, for an actor that may be dead already."""
+    import ray
+
+    try:
+        ray.kill(actor)
+    except Exception:  # noqa: BLE001 - it is already dead
+        pass
+
+
+def first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+class RayNodes:
+    """Where a feed's streams (or evaluation's feature workers) run, and which nodes failed under them.
+
+    A request whose stream died is judged before it is sent again. When the stream's node died, or
+    the stream cannot be reached (Ray says "unavailable" for a node whose processes are gone until
+    its health checks give up on it, ~10-30 s later), the request is not at fault: StreamLost, and
+    new streams keep off that node while Ray still lists it alive. When the process died on a live
+    node, the request may have killed it: WorkerDied, counted towards isolating it.
+    """
+
+    def __init__(self) -> None:
+        self.suspects: dict[str, float] = {}  # node id -> when it failed (monotonic)
+
+    def start(self, f: "BatchFeed") -> tuple[Any, Any]:
+        """A new stream for feed `f`, kept off failed nodes, and the ref of its node id."""
+        from selfsup.pipeline.stream import start_stream
+
+        return self.started(start_stream(f.spec, f.stream_cpus, f.stream_resources, avoid=self.avoid()))
+
+    def placement(self) -> dict[str, Any]:
+        """Actor options for a new actor of any kind (it needs a `node_id` method): off failed nodes."""
+        from selfsup.pipeline.stream import keep_off
+
+        return keep_off(self.avoid())
+
+    @staticmethod
+    def started(handle: Any) -> tuple[Any, Any]:
+        """The actor and the ref of its node id (asked before any request: known unless it dies starting)."""
+        return handle, handle.node_id.remote()
+
+    def avoid(self) -> list[str]:
+        import ray
+
+        now = time.monotonic()
+        self.suspects = {n: t for n, t in self.suspects.items() if now - t < SUSPECT_S}
+        if not self.suspects:
+            return []
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        return [n for n in self.suspects if n in alive]  # Ray places nothing on a node it knows is dead
+
+    def judge(self, e: BaseException, handle: Any, node_ref: Any) -> Exception:
+        """StreamLost or WorkerDied for Ray's error `e` on a request to the stream `handle`."""
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
+
+        what = first_line(e)
+        if not isinstance(e, (ActorDiedError, ActorUnavailableError)) or e.actor_init_failed:
+            return WorkerDied(what)  # the memory monitor's kill, or a stream that cannot even start
+        node = self._node(node_ref)
+        if e.preempted:
+            return self._lost(node, what, "its node was drained")
+        if isinstance(e, ActorUnavailableError):
+            if node is not None and node in self.suspects:
+                return self._lost(node, what, "its node failed before")
+            try:  # a live process answers; a dead one on a live node is soon reported dead
+                if handle is None:
+                    raise GetTimeoutError("no handle to ask")
+                ray.get(handle.node_id.remote(), timeout=UNREACHABLE_S)
+                return StreamLost(f"{what}; it answers again, but is replaced")
+            except ActorDiedError as died:  # dead after all: judged by its node below
+                what = first_line(died)
+            except (ActorUnavailableError, GetTimeoutError):
+                return self._lost(node, what, f"no answer within {UNREACHABLE_S:g} s")
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        if node is not None and node not in alive:
+            return self._lost(node, what, "its node died")
+        return WorkerDied(what)
+
+    def _lost(self, node: Optional[str], what: str, why: str) -> StreamLost:
+        if node is not None:
+            self.suspects.setdefault(node, time.monotonic())
+        return StreamLost(f"{what} ({why}: node {node[:12] if node else 'unknown'})")
+
+    @staticmethod
+    def _node(node_ref: Any) -> Optional[str]:
+        import ray
+
+        try:
+            return str(ray.get(node_ref, timeout=1.0))
+        except Exception:  # noqa: BLE001 - it died before it said where it runs
+            return None
 
 
 class IsolatedWorker:
@@ -34,37 +151,45 @@ class IsolatedWorker:
     def __init__(self, feed: "BatchFeed") -> None:
         self.feed = feed
         self.worker: Any = None
+        self.node_ref: Any = None
         self._start()
 
     def _start(self) -> None:
         f = self.feed
         if f.backend == "ray":
-            from selfsup.pipeline.stream import start_stream
-
-            self.worker = start_stream(f.spec, f.stream_cpus, f.stream_resources)
+            self.worker, self.node_ref = f.nodes.start(f)
         else:
             self.worker = ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=local_init,
                                               initargs=(f.spec,))
 
     def call(self, method: str, *args: Any) -> Any:
+        """The method's result; None when the worker died making it on a live node. A worker lost with
+        its node says nothing of the sample: the call is made again in a new worker."""
         ray_method = {"make": "batch"}.get(method, method)
-        try:
-            if self.feed.backend == "ray":
-                return self.feed._get(getattr(self.worker, ray_method).remote(*args))  # noqa: SLF001
-            return self.feed._get(self.worker.submit(local_call, method, *args))  # noqa: SLF001
-        except WorkerDied:
-            self.close()
-            self._start()
-            return None
+        lost = 0
+        while True:
+            try:
+                if self.feed.backend == "ray":
+                    return self.feed._get(getattr(self.worker, ray_method).remote(*args),  # noqa: SLF001
+                                          self.worker, self.node_ref)
+                return self.feed._get(self.worker.submit(local_call, method, *args))  # noqa: SLF001
+            except ResultLost as e:
+                lost += 1
+                if lost > MAX_LOST:
+                    raise RuntimeError(f"the isolated worker's {method}{args} was lost {lost} times ({e}): "
+                                       f"nodes keep failing") from None
+                log.warning("the isolated worker's %s%s was lost (%s); making it again", method, args, e)
+                if isinstance(e, StreamLost):
+                    self.close()
+                    self._start()
+            except WorkerDied:
+                self.close()
+                self._start()
+                return None
 
     def close(self) -> None:
         if self.feed.backend == "ray":
-            import ray
-
-            try:
-                ray.kill(self.worker)
-            except Exception:  # noqa: BLE001 - already dead
-                pass
+            kill(self.worker)
         else:
             self.worker.shutdown(wait=False, cancel_futures=True)
 

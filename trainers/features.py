@@ -8,6 +8,7 @@ and the raw inputs (average-pooled to at most RAW_DIMS values).
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -18,6 +19,8 @@ from torch import nn
 
 from selfsup.pipeline.batch import BatchMaker, FeedSpec
 from selfsup.trainers.inputs import to_device
+
+log = logging.getLogger(__name__)
 
 RAW_DIMS = 4096
 INPUT_FIELDS = ("image", "video", "spec", "wave")
@@ -73,6 +76,12 @@ class FeatureWorker:
                 enc.to(self.device)
         self.mean, self.std = mean, std
 
+    def node_id(self) -> str:
+        """The Ray node the actor runs on (RayNodes judges its death by it)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     @torch.no_grad()
     def features(self, i: int) -> dict[str, Any]:
         batch = self.maker.make(0, i)
@@ -96,25 +105,8 @@ def extract(spec: FeedSpec, refs: Mapping[str, Mapping[str, Any]], mean: Optiona
     device = "cuda" if num_gpus > 0 else "cpu"
     parts: list[dict[str, Any]] = []
     if use_ray:
-        import ray
-
-        actor: Any = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=1, max_task_retries=2)(FeatureWorker)
-        pool = [actor.remote(spec, refs, mean, std, device) for _ in range(max(1, workers))]
-        from ray.exceptions import OutOfMemoryError, RayActorError
-
-        try:
-            pending = [pool[i % len(pool)].features.remote(i) for i in range(n)]
-            for i, ref in enumerate(pending):
-                try:
-                    parts.append(ray.get(ref))
-                except (RayActorError, OutOfMemoryError) as e:  # restarted and retried: the batch kills it
-                    raise RuntimeError(f"eval batch {i} kills the worker making it ({type(e).__name__}, after a "
-                                       f"restart and retries); its samples: {_names(spec, i)}") from None
-                if progress:
-                    progress(1)
-        finally:
-            for a in pool:
-                ray.kill(a)
+        parts = _extract_on_ray(spec, (refs, mean, std, device), n, max(1, workers),
+                                {"num_cpus": num_cpus, "num_gpus": num_gpus}, progress)
     else:
         worker = FeatureWorker(spec, refs, mean, std, device)
         for i in range(n):
@@ -122,6 +114,59 @@ def extract(spec: FeedSpec, refs: Mapping[str, Mapping[str, Any]], mean: Optiona
             if progress:
                 progress(1)
     return _concat(parts, list(refs))
+
+
+def _extract_on_ray(spec: FeedSpec, args: tuple, n: int, workers: int, resources: Mapping[str, float],
+                    progress: Optional[Callable[[int], None]]) -> list[dict[str, Any]]:
+    """Eval batches 0..n-1 on `workers` FeatureWorker actors, in order. A worker that dies is replaced and
+    its batches sent again. Its death counts against the batch it was making unless its node died or
+    stopped answering (RayNodes.judge): a batch that kills MAX_DEATHS workers stops the job naming its
+    samples; one lost with node after node (MAX_LOST) stops it saying so."""
+    import ray
+
+    from selfsup.pipeline.feed import MAX_DEATHS
+    from selfsup.pipeline.workers import MAX_LOST, RayNodes, StreamLost, kill, ray_deaths
+
+    actor: Any = ray.remote(max_restarts=0, max_task_retries=0)(FeatureWorker)
+    nodes = RayNodes()
+
+    def start() -> tuple[Any, Any]:
+        return nodes.started(actor.options(**resources, **nodes.placement()).remote(spec, *args))
+
+    pool = [start() for _ in range(workers)]
+    deaths, lost, parts = [0] * n, [0] * n, []
+    try:
+        sent = [pool[i % workers][0].features.remote(i) for i in range(n)]
+        for i in range(n):
+            slot = i % workers
+            while True:
+                try:
+                    parts.append(ray.get(sent[i]))
+                    break
+                except ray_deaths() as e:
+                    why = nodes.judge(e, *pool[slot])
+                    if isinstance(why, StreamLost):
+                        lost[i] += 1
+                        if lost[i] > MAX_LOST:
+                            raise RuntimeError(f"eval batch {i} was lost {lost[i]} times ({why}): nodes keep "
+                                               f"failing") from None
+                    else:
+                        deaths[i] += 1
+                        if deaths[i] >= MAX_DEATHS:
+                            raise RuntimeError(f"eval batch {i} kills the worker making it ({why}, {deaths[i]} "
+                                               f"times); its samples: {_names(spec, i)}") from None
+                    log.warning("the worker making eval batch %d died (%s): starting a new one and sending "
+                                "its batches again", i, why)
+                    kill(pool[slot][0])
+                    pool[slot] = start()
+                    for j in range(i, n, workers):
+                        sent[j] = pool[slot][0].features.remote(j)
+            if progress:
+                progress(1)
+    finally:
+        for a, _ in pool:
+            kill(a)
+    return parts
 
 
 def _names(spec: FeedSpec, i: int, limit: int = 20) -> str:

@@ -9,6 +9,7 @@ runs them all, `.ci/run` the fastest; the default suite deselects the `cluster` 
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -42,8 +43,16 @@ class MultiNode:
         return node
 
     def remove(self, node: Any) -> None:
-        """Kill every process of `node` at once (no graceful drain)."""
+        """Kill every process of `node` at once, its workers too (no graceful drain). Ray's
+        remove_node kills the raylet and its services; a worker would only exit seconds later, when
+        it notices, and could go on answering calls in between, as no real lost node does."""
+        workers = descendants(node.all_processes["raylet"][0].process.pid)
         self.cluster.remove_node(node, allow_graceful=False)
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         for role in (self.stream, self.trainer):
             if node in role:
                 role.remove(node)
@@ -56,6 +65,24 @@ class MultiNode:
             if any(n.node_id == node_id for n in getattr(self, role)):
                 return role
         return "head" if self.cluster.head_node.node_id == node_id else "unknown"
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` (children, theirs, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # the name in parentheses may hold spaces
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        out.append(todo.pop())
+        todo += children.get(out[-1], [])
+    return out
 
 
 @pytest.fixture(scope="module")

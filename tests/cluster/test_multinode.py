@@ -80,6 +80,7 @@ def test_a_stream_node_removed_mid_epoch_loses_and_repeats_nothing(multinode, on
                 multinode.remove(multinode.node_of(nodes[0]))  # the processes are killed, not drained
         after = ray.get([h.node_id.remote() for h in feed.stream_handles()])
         assert feed.restarts >= 1 and set(after) == {multinode.stream[0].node_id}  # the survivor
+        assert feed.isolated == 0  # the node's loss was not held against the batches its streams were making
     delivered = [(s, int(p)) for b in got for s, p, v in zip(b["shard"], b["position"], b["valid"]) if v]
     assert sorted(delivered) == sorted(on_s3["keys"])  # every planned sample once
     for b, want in zip(got, on_s3["clean"]):
@@ -91,6 +92,63 @@ def test_a_stream_node_removed_mid_epoch_loses_and_repeats_nothing(multinode, on
                    stream_resources={"stream": 1}) as feed:
         assert back.node_id in ray.get([h.node_id.remote() for h in feed.stream_handles()])
         np.testing.assert_array_equal(feed.next()["view1"], on_s3["clean"][0]["view1"])
+
+
+def test_a_stream_node_removed_under_an_isolated_worker_blames_no_sample(multinode, on_s3):
+    """A suspect batch is made sample by sample in an isolated worker; when that worker's node dies,
+    each call is made again on another node instead of taking the sample for one that kills its worker."""
+    import ray
+    from selfsup.pipeline.batch import BatchMaker
+    from selfsup.pipeline.workers import IsolatedWorker
+
+    spec = on_s3["spec"]
+    want = BatchMaker(spec).keys(0, 3)
+    with BatchFeed(spec, streams=1, prefetch=1, backend="ray", stream_cpus=0.25,
+                   stream_resources={"stream": 1}) as feed, IsolatedWorker(feed) as iso:
+        first = ray.get(iso.node_ref)
+        assert multinode.role_of(first) == "stream"
+        multinode.remove(multinode.node_of(first))  # killed, not drained: Ray finds it dead seconds later
+        try:
+            keys = iso.call("keys", 0, 3)
+            checks = [iso.call("check", 0, 3, slot) for slot in range(len(want))]
+            batch = iso.call("make", 0, 3, frozenset())
+            now = ray.get(iso.node_ref)
+        finally:
+            multinode.add("stream")  # the later tests find two stream nodes
+    assert [tuple(k) for k in keys] == want and checks == [True] * len(want)  # no sample blamed
+    np.testing.assert_array_equal(batch["view1"], on_s3["clean"][3]["view1"])
+    assert now != first and first in feed.nodes.suspects
+
+
+def test_a_node_removed_under_eval_workers_blames_no_batch(multinode, on_s3):
+    """Feature extraction for kNN / linear probe: a worker's node killed mid-way costs the batches it held,
+    made again on a new worker elsewhere, not an error blaming a batch's samples; the features equal an
+    undisturbed extraction's."""
+    from selfsup.pipeline.batch import FeedSpec
+    from selfsup.trainers.features import extract
+    from tests.conftest import ARGS
+
+    spec = FeedSpec(on_s3["snapshot"], 8, modality_args=ARGS, seed=5, train=False, label="cls")
+    clean = extract(spec, {"raw": {"kind": "raw"}}, None, None, workers=2, use_ray=False)
+    removed: list[str] = []
+
+    def remove_a_workers_node(_: int) -> None:
+        if not removed:
+            alive = [a for a in actors_by_class(("FeatureWorker",)) if a["State"] == "ALIVE"]
+            node = alive[0]["Address"]["NodeID"]
+            removed.append(multinode.role_of(node))
+            multinode.remove(multinode.node_of(node))
+
+    try:
+        got = extract(spec, {"raw": {"kind": "raw"}}, None, None, workers=2, use_ray=True, num_cpus=0.25,
+                      progress=remove_a_workers_node)
+    finally:
+        for role in removed:
+            multinode.add(role)  # the later tests find the nodes they expect
+    assert removed and removed[0] in ("stream", "trainer")
+    for name in ("key", "label", "raw"):
+        np.testing.assert_array_equal(got[name], clean[name])
+    assert got["quarantined"] == clean["quarantined"] == 0
 
 
 def losses(run: str) -> dict[int, float]:
