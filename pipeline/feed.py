@@ -179,7 +179,8 @@ class BatchFeed:
         while req.deaths < self.max_deaths:
             try:
                 return self._get(req.handle, self._workers[req.slot] if self._workers else None,
-                                 self._node_refs[req.slot] if self._node_refs else None)
+                                 self._node_refs[req.slot] if self._node_refs else None,
+                                 f"micro-batch {req.index} of epoch {req.epoch} (stream {req.slot})")
             except ResultLost as e:  # not the batch's fault: make it again (on a new stream if its node went)
                 req.lost += 1
                 if req.lost > MAX_LOST:
@@ -209,14 +210,16 @@ class BatchFeed:
                 self._restart(req.slot)
         return self._isolate(req)
 
-    def _get(self, handle: Any, stream: Any = None, node_ref: Any = None) -> dict[str, Any]:
+    def _get(self, handle: Any, stream: Any = None, node_ref: Any = None, what: str = "a request") -> dict[str, Any]:
         """The result of a request sent to `stream` (ray) or the pool: WorkerDied if its worker died
-        making it on a live node, StreamLost if the stream went with its node, ResultLost if the result did."""
+        making it on a live node, StreamLost if the stream went with its node, ResultLost if the result did.
+        A long wait is logged with its likely cause (a stream no node can take yet, a slow read)."""
         if self.backend == "ray":
             import ray
             from ray.exceptions import ObjectLostError
 
             try:
+                self.nodes.wait(handle, what, node_ref, {"CPU": self.stream_cpus, **(self.stream_resources or {})})
                 return ray.get(handle)
             except ray_deaths() as e:
                 raise self.nodes.judge(e, stream, node_ref) from None

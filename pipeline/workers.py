@@ -9,7 +9,7 @@ import logging
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from selfsup.pipeline.batch import BatchMaker, FeedSpec, keep_freed_memory
 
@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 MAX_LOST = 5  # times one request may be lost with a node (node after node) before the feed gives up
 UNREACHABLE_S = 3.0  # how long a stream Ray calls unavailable has to answer before its node is taken as lost
 SUSPECT_S = 120.0  # how long new streams keep off a node that failed while Ray still lists it alive
+STALL_WARN_S = 60.0  # a request not answered this long is logged, and again every STALL_REPEAT_S
+STALL_REPEAT_S = 300.0
 
 
 class WorkerDied(RuntimeError):
@@ -126,6 +128,36 @@ class RayNodes:
             return self._lost(node, what, "its node died")
         return WorkerDied(what)
 
+    def wait(self, ref: Any, what: str, node_ref: Any, asks: Mapping[str, float],
+             settings: str = "data.stream_cpus, data.stream_resources") -> None:
+        """Wait for `ref` (the result of `what`), logging why while it takes STALL_WARN_S or more: Ray
+        waits without a word for a node that can take an actor, and a read can take minutes of retries."""
+        import ray
+
+        waited, step = 0.0, STALL_WARN_S
+        while not ray.wait([ref], timeout=step)[0]:
+            waited += step
+            log.warning("%s: no answer after %.3g s; %s", what, waited, self.stall_note(node_ref, asks, settings))
+            step = STALL_REPEAT_S
+
+    @staticmethod
+    def stall_note(node_ref: Any, asks: Mapping[str, float], settings: str) -> str:
+        """Why a worker may not answer: not started (and whether any live node offers what it asks), or busy."""
+        import ray
+
+        if node_ref is not None and ray.wait([node_ref], timeout=0)[0]:
+            node = RayNodes._node(node_ref) or "unknown"
+            return f"its worker runs on node {node[:12]} and is still making it (a slow read retrying, or a large batch)"
+        offered = ray.cluster_resources()
+        short = {k: v for k, v in asks.items() if v > 0 and offered.get(k, 0.0) < v}
+        if short:
+            have = ", ".join(f"{k}: {offered.get(k, 0.0):g}" for k in short)
+            return (f"its worker has not started: it asks for {dict(asks)}, and the cluster's live nodes offer "
+                    f"{have}; it waits for a node that can take it (one the autoscaler adds, where set up; "
+                    f"see `ray status`; it asks for what {settings} say)")
+        return (f"its worker has not started yet: it asks for {dict(asks)}, which the cluster offers (its process "
+                f"is starting, or it waits for others to free them: see `ray status`)")
+
     def _lost(self, node: Optional[str], what: str, why: str) -> StreamLost:
         if node is not None:
             self.suspects.setdefault(node, time.monotonic())
@@ -171,7 +203,7 @@ class IsolatedWorker:
             try:
                 if self.feed.backend == "ray":
                     return self.feed._get(getattr(self.worker, ray_method).remote(*args),  # noqa: SLF001
-                                          self.worker, self.node_ref)
+                                          self.worker, self.node_ref, f"the isolated worker's {method}{args}")
                 return self.feed._get(self.worker.submit(local_call, method, *args))  # noqa: SLF001
             except ResultLost as e:
                 lost += 1

@@ -106,7 +106,7 @@ def extract(spec: FeedSpec, refs: Mapping[str, Mapping[str, Any]], mean: Optiona
     parts: list[dict[str, Any]] = []
     if use_ray:
         parts = _extract_on_ray(spec, (refs, mean, std, device), n, max(1, workers),
-                                {"num_cpus": num_cpus, "num_gpus": num_gpus}, progress)
+                                {"CPU": num_cpus, "GPU": num_gpus}, progress)
     else:
         worker = FeatureWorker(spec, refs, mean, std, device)
         for i in range(n):
@@ -131,7 +131,8 @@ def _extract_on_ray(spec: FeedSpec, args: tuple, n: int, workers: int, resources
     nodes = RayNodes()
 
     def start() -> tuple[Any, Any]:
-        return nodes.started(actor.options(**resources, **nodes.placement()).remote(spec, *args))
+        return nodes.started(actor.options(num_cpus=resources["CPU"], num_gpus=resources["GPU"],
+                                           **nodes.placement()).remote(spec, *args))
 
     pool = [start() for _ in range(workers)]
     deaths, lost, parts = [0] * n, [0] * n, []
@@ -141,6 +142,7 @@ def _extract_on_ray(spec: FeedSpec, args: tuple, n: int, workers: int, resources
             slot = i % workers
             while True:
                 try:
+                    nodes.wait(sent[i], f"eval batch {i}", pool[slot][1], resources, "--worker-cpus, --gpus")
                     parts.append(ray.get(sent[i]))
                     break
                 except ray_deaths() as e:

@@ -64,6 +64,43 @@ def run_ranks(feeds: Sequence[BatchFeed], steps: int, kill_at: int = -1) -> list
     return out
 
 
+def test_a_stream_no_node_can_take_is_named_while_its_request_waits(spec: FeedSpec, monkeypatch: Any,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Ray waits without a word for a node that can take an actor: the feed's wait says so, naming what the
+    stream asks for and what the live nodes offer, and ends when the request does."""
+    import threading
+    import time
+
+    import ray
+    from selfsup.pipeline import workers
+    from selfsup.pipeline.stream import start_stream
+
+    monkeypatch.setattr(workers, "STALL_WARN_S", 0.2)
+    monkeypatch.setattr(workers, "STALL_REPEAT_S", 0.2)
+    nodes = workers.RayNodes()
+    asks = {"CPU": 0.25, "gpu-stream-node": 1.0}
+    handle, node_ref = nodes.started(start_stream(spec, 0.25, {"gpu-stream-node": 1.0}))
+    waiter = threading.Thread(target=nodes.wait, args=(handle.keys.remote(0, 0), "micro-batch 0", node_ref, asks))
+    with caplog.at_level("WARNING", logger="selfsup.pipeline.workers"):
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while len(caplog.records) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers.kill(handle)  # the request fails: the wait ends (the feed then judges the death)
+        waiter.join(30)
+    assert not waiter.is_alive()
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) >= 2 and "micro-batch 0: no answer after" in said[0]
+    assert "has not started" in said[0] and "gpu-stream-node: 0" in said[0] and "ray status" in said[0]
+    assert "data.stream_resources" in said[0]  # the setting that asked for it
+
+    with BatchFeed(spec, streams=1, prefetch=1, backend="ray", stream_cpus=0.25) as feed:  # a started stream
+        feed.next()
+        node = ray.get(feed._node_refs[0])  # noqa: SLF001
+        assert f"runs on node {node[:12]} and is still making it" in workers.RayNodes.stall_note(
+            feed._node_refs[0], {"CPU": 0.25}, "data.stream_cpus")  # noqa: SLF001
+
+
 @pytest.mark.parametrize("kill", [False, True], ids=["plain", "stream-killed"])
 def test_two_ranks_take_every_key_once_even_when_a_stream_dies(spec: FeedSpec, fmnist: dict[str, Any],
                                                                 reference: list[dict[str, Any]], kill: bool) -> None:
