@@ -215,12 +215,10 @@ class BatchFeed:
         making it on a live node, StreamLost if the stream went with its node, ResultLost if the result did.
         A long wait is logged with its likely cause (a stream no node can take yet, a slow read)."""
         if self.backend == "ray":
-            import ray
             from ray.exceptions import ObjectLostError
 
             try:
-                self.nodes.wait(handle, what, node_ref, {"CPU": self.stream_cpus, **(self.stream_resources or {})})
-                return ray.get(handle)
+                return self.nodes.get(handle, what, node_ref, {"CPU": self.stream_cpus, **(self.stream_resources or {})})
             except ray_deaths() as e:
                 raise self.nodes.judge(e, stream, node_ref) from None
             except ObjectLostError as e:

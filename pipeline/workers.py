@@ -56,6 +56,13 @@ def kill(actor: Any) -> None:
         pass
 
 
+def alive_nodes() -> set[str]:
+    """Ids of the nodes Ray lists alive."""
+    import ray
+
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+
+
 def first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
@@ -91,13 +98,11 @@ class RayNodes:
         return handle, handle.node_id.remote()
 
     def avoid(self) -> list[str]:
-        import ray
-
         now = time.monotonic()
         self.suspects = {n: t for n, t in self.suspects.items() if now - t < SUSPECT_S}
         if not self.suspects:
             return []
-        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        alive = alive_nodes()
         return [n for n in self.suspects if n in alive]  # Ray places nothing on a node it knows is dead
 
     def judge(self, e: BaseException, handle: Any, node_ref: Any) -> Exception:
@@ -123,22 +128,25 @@ class RayNodes:
                 what = first_line(died)
             except (ActorUnavailableError, GetTimeoutError):
                 return self._lost(node, what, f"no answer within {UNREACHABLE_S:g} s")
-        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-        if node is not None and node not in alive:
+        if node is not None and node not in alive_nodes():
             return self._lost(node, what, "its node died")
         return WorkerDied(what)
 
-    def wait(self, ref: Any, what: str, node_ref: Any, asks: Mapping[str, float],
-             settings: str = "data.stream_cpus, data.stream_resources") -> None:
-        """Wait for `ref` (the result of `what`), logging why while it takes STALL_WARN_S or more: Ray
+    def get(self, ref: Any, what: str, node_ref: Any, asks: Mapping[str, float],
+            settings: str = "data.stream_cpus, data.stream_resources") -> Any:
+        """ray.get(ref) (the result of `what`), logging why while it takes STALL_WARN_S or more: Ray
         waits without a word for a node that can take an actor, and a read can take minutes of retries."""
         import ray
+        from ray.exceptions import GetTimeoutError
 
         waited, step = 0.0, STALL_WARN_S
-        while not ray.wait([ref], timeout=step)[0]:
-            waited += step
-            log.warning("%s: no answer after %.3g s; %s", what, waited, self.stall_note(node_ref, asks, settings))
-            step = STALL_REPEAT_S
+        while True:
+            try:
+                return ray.get(ref, timeout=step)
+            except GetTimeoutError:
+                waited += step
+                log.warning("%s: no answer after %.3g s; %s", what, waited, self.stall_note(node_ref, asks, settings))
+                step = STALL_REPEAT_S
 
     @staticmethod
     def stall_note(node_ref: Any, asks: Mapping[str, float], settings: str) -> str:

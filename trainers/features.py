@@ -142,8 +142,7 @@ def _extract_on_ray(spec: FeedSpec, args: tuple, n: int, workers: int, resources
             slot = i % workers
             while True:
                 try:
-                    nodes.wait(sent[i], f"eval batch {i}", pool[slot][1], resources, "--worker-cpus, --gpus")
-                    parts.append(ray.get(sent[i]))
+                    parts.append(nodes.get(sent[i], f"eval batch {i}", pool[slot][1], resources, "--worker-cpus, --gpus"))
                     break
                 except ray_deaths() as e:
                     why = nodes.judge(e, *pool[slot])

@@ -128,12 +128,15 @@ def test_a_clip_reads_only_the_part_of_a_viewed_member_it_decodes(monkeypatch: p
     monkeypatch.setattr(video_module, "buffer_file", Counting)
     info = clip.decode({"avi": memoryview(data)})
     probed, read[:] = sum(read), []
+    clips = 0
     for seed in range(3):
         out = clip.sample(info, np.random.default_rng(seed), True)
         assert out["video"].shape == (4, 32, 32, 3)
         assert sum(read) < len(data) / 2, (seed, sum(read), len(data))  # seeks: not the whole file
+        clips += sum(read)
         read[:] = []
     assert probed < len(data) / 2
+    assert probed > 0 and clips > 0  # the decoder reads through the counted file: the bounds above are not vacuous
 
 
 def test_labels_read_from_viewed_metadata_members() -> None:

@@ -80,7 +80,15 @@ def test_a_stream_no_node_can_take_is_named_while_its_request_waits(spec: FeedSp
     nodes = workers.RayNodes()
     asks = {"CPU": 0.25, "gpu-stream-node": 1.0}
     handle, node_ref = nodes.started(start_stream(spec, 0.25, {"gpu-stream-node": 1.0}))
-    waiter = threading.Thread(target=nodes.wait, args=(handle.keys.remote(0, 0), "micro-batch 0", node_ref, asks))
+    ended: list[BaseException] = []
+
+    def get() -> None:
+        try:
+            nodes.get(handle.keys.remote(0, 0), "micro-batch 0", node_ref, asks)
+        except BaseException as e:  # noqa: BLE001 - the kill below ends it with Ray's death, which the feed judges
+            ended.append(e)
+
+    waiter = threading.Thread(target=get)
     with caplog.at_level("WARNING", logger="selfsup.pipeline.workers"):
         waiter.start()
         deadline = time.monotonic() + 30
@@ -88,7 +96,7 @@ def test_a_stream_no_node_can_take_is_named_while_its_request_waits(spec: FeedSp
             time.sleep(0.1)
         workers.kill(handle)  # the request fails: the wait ends (the feed then judges the death)
         waiter.join(30)
-    assert not waiter.is_alive()
+    assert not waiter.is_alive() and len(ended) == 1 and isinstance(ended[0], workers.ray_deaths())
     said = [r.getMessage() for r in caplog.records]
     assert len(said) >= 2 and "micro-batch 0: no answer after" in said[0]
     assert "has not started" in said[0] and "gpu-stream-node: 0" in said[0] and "ray status" in said[0]

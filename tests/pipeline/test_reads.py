@@ -65,7 +65,6 @@ def test_local_shards_are_read_in_the_calling_thread_unless_told(tmp_path: Any,
     assert [b["view1"].tobytes() for b in local] == [b["view1"].tobytes() for b in pooled]
 
 
-
 def test_a_shard_deleted_after_the_snapshot_raises_naming_it_and_leaves_no_read_thread(tmp_path: Any) -> None:
     import cv2
 
